@@ -1,0 +1,28 @@
+# Reslim + TILES climate downscaling, end to end. Stages live in workflow/rules/*.smk, their
+# logic in workflow/lib/downscaler. Run: `snakemake --cores all` (demo) or
+# `snakemake --profile frontier` on OLCF Frontier.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/source.smk"
+include: "workflow/rules/pairs.smk"
+include: "workflow/rules/tiles.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/infer.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/model/checkpoint.pt",
+        "results/downscaled/test.nc",
+        "results/evaluation/metrics.csv",
+        "results/evaluation/table.md",
+        FIGURES,

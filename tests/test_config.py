@@ -1,0 +1,50 @@
+"""Config validation: defaults filled from the schema, bad keys and values named clearly."""
+
+import copy
+
+import pytest
+import yaml
+from downscaler.config import ConfigError, load_schema, validate_config
+
+from tests.conftest import REPO
+
+DEMO = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_demo_config_is_valid_and_defaults_are_filled():
+    config = validate_config({})
+    assert config["regrid"]["factor"] == 4 and config["tiles"]["halo"] == 2
+    assert validate_config(DEMO)["variables"] == ["2m_temperature", "total_precipitation"]
+
+
+def test_every_schema_key_has_a_description():
+    def walk(node, key="(root)"):
+        for name, sub in node.get("properties", {}).items():
+            assert "description" in sub or "$ref" in sub, f"{key}.{name} has no description"
+            walk(sub, f"{key}.{name}")
+
+    walk(load_schema())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(trian={}), r"unknown key\(s\) \['trian'\]"),
+        (lambda c: c["train"].update(epochs=0), r"train\.epochs: 0 is less than the minimum"),
+        (lambda c: c.update(variables=["2m_temp"]), r"variables\.0: '2m_temp' is not one of"),
+        (lambda c: c["period"].update(end="1999-01-01"), "period: end 1999-01-01 is before"),
+        (lambda c: c["period"].update(start="2000-13-01"), "period.start"),
+        (lambda c: c["split"]["test"].update(end="2003-01-01"), "split.test: .* not inside"),
+        (lambda c: c["split"]["val"].update(start="2001-06-01"), "train and val overlap"),
+        (lambda c: c["region"].update(south=50.0), "south must be less than north"),
+        (lambda c: c["tiles"].update(div_lat=16), "tiles .*try div_lat in"),
+        (lambda c: c["tiles"].update(div_lat=3), r"valid div_lat: \[1, 2, 4, 8, 16\]"),
+        (lambda c: c.update(resolution=0.3), "not a multiple of resolution"),
+        (lambda c: c["model"].update(num_heads=3), "embed_dim 64 is not divisible by num_heads"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_key(change, message):
+    config = copy.deepcopy(DEMO)
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)

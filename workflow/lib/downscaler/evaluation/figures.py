@@ -1,0 +1,325 @@
+"""Publication figures: maps, training curves, spectra, PDFs, scatter and bias maps.
+
+Each function writes a PNG (for the report) and a PDF (for papers) side by side, atomically, and
+returns their paths. Every figure carries a title, axis labels with units and colour bars, so it
+can be read without the code that made it. Matplotlib runs headless (Agg).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: compute nodes and CI have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from downscaler.evaluation import metrics as M  # noqa: E402
+from downscaler.io import atomic_path  # noqa: E402
+from downscaler.variables import BY_SHORT_NAME  # noqa: E402
+
+KM_PER_DEGREE = 111.195  # great-circle km per degree of latitude (mean Earth radius 6371 km)
+
+# Sequential colour maps by variable; errors always use a diverging map centred on 0.
+_CMAPS = {"tp": "YlGnBu", "u10": "PuOr_r", "v10": "PuOr_r"}
+_DEFAULT_CMAP = "viridis"
+_ERROR_CMAP = "RdBu_r"
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> tuple[Path, Path]:
+    """Write `fig` as PNG and PDF next to each other (atomically) and close it."""
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix.lower() in (".png", ".pdf") else path
+    out = []
+    try:
+        for ext in ("png", "pdf"):
+            target = base.with_name(f"{base.name}.{ext}")
+            with atomic_path(target) as tmp:
+                fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+            out.append(target)
+    finally:
+        plt.close(fig)
+    return out[0], out[1]
+
+
+def _label(da: xr.DataArray) -> str:
+    """'2m temperature (K)' from the registry, falling back to the DataArray's own attrs."""
+    name = str(da.name) if da.name is not None else ""
+    var = BY_SHORT_NAME.get(name)
+    long_name = da.attrs.get("long_name") or (
+        var.long_name.replace("_", " ") if var else name or "value")
+    units = da.attrs.get("units") or (var.units if var else "")
+    return f"{long_name} ({units})" if units else long_name
+
+
+def _units(da: xr.DataArray) -> str:
+    var = BY_SHORT_NAME.get(str(da.name))
+    return da.attrs.get("units") or (var.units if var else "")
+
+
+def _paren(units: str) -> str:
+    """Bracket compound units so powers and reciprocals read right: K -> K, mm/day -> (mm/day)."""
+    return f"({units})" if any(c in units for c in "/ *") else units
+
+
+def _cmap(da: xr.DataArray) -> str:
+    return _CMAPS.get(str(da.name), _DEFAULT_CMAP)
+
+
+def _one_step(da: xr.DataArray, time_index: int) -> xr.DataArray:
+    """A 2-D (lat, lon) field: select one time step if the field has a time axis."""
+    if "time" in da.dims:
+        da = da.isel(time=time_index)
+    extra = [d for d in da.dims if d not in ("lat", "lon")]
+    if extra:
+        da = da.isel({d: 0 for d in extra})
+    return da.transpose("lat", "lon")
+
+
+def _robust_range(*fields: xr.DataArray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, ...]:
+    """Shared colour limits from percentiles of all fields, so outliers do not wash them out."""
+    values = np.concatenate([np.ravel(f.values) for f in fields])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    vmin, vmax = np.percentile(values, [lo, hi])
+    if vmax <= vmin:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    return float(vmin), float(vmax)
+
+
+def _symmetric_limit(*fields: xr.DataArray, q: float = 99.5) -> float:
+    values = np.concatenate([np.abs(np.ravel(f.values)) for f in fields])
+    values = values[np.isfinite(values)]
+    lim = float(np.percentile(values, q)) if values.size else 0.0
+    return lim if lim > 0 else 1.0
+
+
+def _map(ax: plt.Axes, da: xr.DataArray, title: str, **kwargs) -> matplotlib.cm.ScalarMappable:
+    """Draw a lat/lon field as cells (pcolormesh puts each value on its grid cell)."""
+    mesh = ax.pcolormesh(da["lon"].values, da["lat"].values, da.values, shading="nearest",
+                         **kwargs)
+    ax.set_title(title)
+    ax.set_xlabel("longitude (°E)")
+    ax.set_ylabel("latitude (°N)")
+    ax.set_aspect("equal", adjustable="box")
+    return mesh
+
+
+def _time_text(da: xr.DataArray) -> str:
+    if "time" in da.coords and da["time"].size == 1:
+        return f" — {np.datetime_as_string(da['time'].values, unit='h')}" if np.issubdtype(
+            da["time"].dtype, np.datetime64) else f" — time {da['time'].values}"
+    return ""
+
+
+def plot_maps(
+    coarse: xr.DataArray,
+    prediction: xr.DataArray,
+    truth: xr.DataArray,
+    path: str | os.PathLike,
+    title: str | None = None,
+    baseline: xr.DataArray | None = None,
+    *,
+    time_index: int = 0,
+    baseline_name: str = "baseline",
+) -> tuple[Path, Path]:
+    """One time step: coarse input | prediction | truth (| baseline) | prediction − truth.
+
+    The field panels share one colour scale (robust 0.5–99.5 percentile limits over all of
+    them), so differences in detail are visible as such; the error panel uses a symmetric
+    diverging scale centred on 0.
+    """
+    c, p, t = (_one_step(x, time_index) for x in (coarse, prediction, truth))
+    fields = [(c, "coarse input"), (p, "prediction"), (t, "truth")]
+    if baseline is not None:
+        fields.append((_one_step(baseline, time_index), baseline_name))
+    err = p - t.assign_coords(lat=p["lat"], lon=p["lon"])
+    vmin, vmax = _robust_range(*(f for f, _ in fields))
+    lim = _symmetric_limit(err)
+
+    n = len(fields) + 1
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.8), constrained_layout=True)
+    for ax, (field, name) in zip(axes[:-1], fields, strict=True):
+        mesh = _map(ax, field, name, cmap=_cmap(t), vmin=vmin, vmax=vmax)
+    fig.colorbar(mesh, ax=list(axes[:-1]), shrink=0.8, label=_label(truth))
+    emesh = _map(axes[-1], err, "prediction − truth", cmap=_ERROR_CMAP, vmin=-lim, vmax=lim)
+    fig.colorbar(emesh, ax=axes[-1], shrink=0.8, label=f"error ({_units(truth)})")
+    fig.suptitle((title or _label(truth)) + _time_text(t))
+    return _save(fig, path)
+
+
+def plot_training_curves(csv_path: str | os.PathLike, path: str | os.PathLike) -> tuple[Path, Path]:
+    """Training and validation loss against optimiser step (log y), learning rate below.
+
+    The CSV has columns step, epoch, train_loss, val_loss (empty on steps without validation),
+    lr. Epoch boundaries are marked with faint vertical lines.
+    """
+    log = pd.read_csv(csv_path)
+    missing = {"step", "train_loss"} - set(log.columns)
+    if missing:
+        raise ValueError(f"{csv_path}: training log lacks column(s) {sorted(missing)}")
+    has_lr = "lr" in log.columns and log["lr"].notna().any()
+    fig, axes = plt.subplots(2 if has_lr else 1, 1, figsize=(7, 5.5 if has_lr else 4),
+                             sharex=True, constrained_layout=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]} if has_lr else None)
+    ax = axes[0, 0]
+    train = log.dropna(subset=["train_loss"])
+    ax.plot(train["step"], train["train_loss"], lw=1, alpha=0.8, label="train")
+    if "val_loss" in log.columns:
+        val = log.dropna(subset=["val_loss"])
+        if len(val):
+            ax.plot(val["step"], val["val_loss"], "o-", ms=4, label="validation")
+    ax.set_yscale("log")
+    ax.set_ylabel("loss (normalised units, log scale)")
+    ax.set_title("Training curves")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if "epoch" in log.columns:
+        starts = log["step"][log["epoch"].diff().fillna(0) != 0]
+        for a in axes[:, 0]:
+            for s in starts:
+                a.axvline(s, color="0.7", lw=0.6, ls=":")
+    if has_lr:
+        lr = log.dropna(subset=["lr"])
+        axes[1, 0].plot(lr["step"], lr["lr"], color="tab:green", lw=1)
+        axes[1, 0].set_ylabel("learning rate")
+        axes[1, 0].grid(True, alpha=0.3)
+    axes[-1, 0].set_xlabel("optimiser step")
+    return _save(fig, path)
+
+
+def _km_axis(ax: plt.Axes) -> None:
+    """Top axis: wavelength in km for a wavenumber in cycles per degree."""
+    def to_km(k):
+        with np.errstate(divide="ignore"):
+            return KM_PER_DEGREE / np.asarray(k, dtype=float)
+    sec = ax.secondary_xaxis("top", functions=(to_km, to_km))
+    sec.set_xlabel("wavelength (km, 1° ≈ 111 km)")
+
+
+def plot_spectra(
+    predictions: Mapping[str, xr.DataArray], truth: xr.DataArray, path: str | os.PathLike
+) -> tuple[Path, Path]:
+    """Radially averaged power spectra of each method and of the truth (log-log), with LSD.
+
+    Interpolation and MSE-trained models lose power at high wavenumbers (small scales); the
+    legend gives each method's log-spectral distance to the truth.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
+    k, pt = M.power_spectrum(truth)
+    ax.loglog(k, pt, color="black", lw=2.5, label="truth")
+    for name, pred in predictions.items():
+        kp, pp = M.power_spectrum(pred)
+        lsd = float(M.log_spectral_distance(pred, truth))
+        ax.loglog(kp, pp, lw=1.3, label=f"{name} (LSD {lsd:.2f} dB)")
+    units = _units(truth)
+    ax.set_xlabel("wavenumber (cycles per degree)")
+    ax.set_ylabel(f"power per mode ({_paren(units)}²)" if units else "power per mode")
+    ax.set_title(f"Power spectra: {_label(truth)}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _km_axis(ax)
+    return _save(fig, path)
+
+
+def plot_pdfs(
+    predictions: Mapping[str, xr.DataArray],
+    truth: xr.DataArray,
+    path: str | os.PathLike,
+    bins: int = 80,
+) -> tuple[Path, Path]:
+    """Histograms of all values (every pixel and time) per method and truth, log density.
+
+    The log scale makes the tails (extremes) visible, where downscaling methods differ most.
+    """
+    tv = np.ravel(truth.values)
+    tv = tv[np.isfinite(tv)]
+    all_values = [tv] + [np.ravel(p.values) for p in predictions.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in all_values])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    ax.hist(tv, bins=edges, density=True, histtype="stepfilled", color="0.8",
+            edgecolor="black", lw=1.5, label="truth")
+    for name, pred in predictions.items():
+        v = np.ravel(pred.values)
+        ax.hist(v[np.isfinite(v)], bins=edges, density=True, histtype="step", lw=1.3,
+                label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel(_label(truth))
+    ax.set_ylabel(f"probability density (1/{_paren(_units(truth)) or 'unit'}, log scale)")
+    ax.set_title(f"Value distributions: {_label(truth)}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_scatter(
+    prediction: xr.DataArray,
+    truth: xr.DataArray,
+    path: str | os.PathLike,
+    max_points: int = 2_000_000,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """Prediction against truth for every pixel and time: hexbin counts (log), 1:1 line.
+
+    R² (coefficient of determination) and Pearson r of all points are printed on the plot;
+    above `max_points` a fixed-seed random subset is drawn (the scores use every point).
+    """
+    r2 = float(M.r2(prediction, truth))
+    r = float(M.pearson_r(prediction, truth))
+    p, t = np.ravel(prediction.values), np.ravel(truth.values)
+    ok = np.isfinite(p) & np.isfinite(t)
+    p, t = p[ok], t[ok]
+    if p.size > max_points:
+        pick = np.random.default_rng(seed).choice(p.size, max_points, replace=False)
+        p, t = p[pick], t[pick]
+    lo = float(min(p.min(), t.min())) if p.size else 0.0
+    hi = float(max(p.max(), t.max())) if p.size else 1.0
+    fig, ax = plt.subplots(figsize=(5.6, 5), constrained_layout=True)
+    hb = ax.hexbin(t, p, gridsize=60, bins="log", cmap="magma_r", mincnt=1,
+                   extent=(lo, hi, lo, hi))
+    ax.plot([lo, hi], [lo, hi], color="tab:blue", lw=1, ls="--", label="1:1")
+    fig.colorbar(hb, ax=ax, label="number of points (log scale)")
+    ax.text(0.03, 0.97, f"R² (1 − SS_res/SS_tot) = {r2:.4f}\nPearson r = {r:.4f}\n"
+            f"n = {int(ok.sum()):,}", transform=ax.transAxes, va="top",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
+    label = _label(truth)
+    ax.set_xlabel(f"truth: {label}")
+    ax.set_ylabel(f"prediction: {label}")
+    ax.set_title(f"Prediction vs truth: {label}")
+    ax.set_aspect("equal", adjustable="box")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_bias_maps(
+    predictions: Mapping[str, xr.DataArray], truth: xr.DataArray, path: str | os.PathLike
+) -> tuple[Path, Path]:
+    """Time-mean bias (prediction − truth) per method on one shared symmetric colour scale."""
+    if not predictions:
+        raise ValueError("no predictions to plot")
+    mean_dims = [d for d in truth.dims if d not in ("lat", "lon")]
+    biases = {
+        name: (pred.assign_coords(lat=truth["lat"], lon=truth["lon"]) - truth).mean(mean_dims)
+        for name, pred in predictions.items()
+    }
+    lim = _symmetric_limit(*biases.values())
+    n = len(biases)
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n + 1, 3.8), constrained_layout=True,
+                             squeeze=False)
+    for ax, (name, b) in zip(axes[0], biases.items(), strict=True):
+        mesh = _map(ax, b.transpose("lat", "lon"), f"{name} (mean {float(b.mean()):+.3g})",
+                    cmap=_ERROR_CMAP, vmin=-lim, vmax=lim)
+    fig.colorbar(mesh, ax=list(axes[0]), shrink=0.8, label=f"mean bias ({_units(truth)})")
+    fig.suptitle(f"Time-mean bias, prediction − truth: {_label(truth)}")
+    return _save(fig, path)

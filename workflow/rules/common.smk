@@ -1,0 +1,24 @@
+# Config validation (before any rule runs) and helpers shared by the rules.
+import json
+import os
+import sys
+
+from downscaler.config import ConfigError, validate_config
+from downscaler.variables import short_names
+
+try:
+    config.update(validate_config(config))
+except ConfigError as err:
+    sys.exit(f"Invalid configuration: {err}")
+
+VARIABLES = short_names(config["variables"])
+FIGURES = ["results/evaluation/figures/training_curves.png"] + [
+    f"results/evaluation/figures/{kind}_{name}.png"
+    for name in VARIABLES
+    for kind in ("maps", "spectra", "pdfs", "bias")
+]
+
+
+def stage_config(*keys):
+    """The config keys a stage reads, as JSON: a rule re-runs only when these change."""
+    return json.dumps({key: config[key] for key in keys}, sort_keys=True)

@@ -18,6 +18,14 @@ include: "workflow/rules/infer.smk"
 include: "workflow/rules/evaluate.smk"
 
 
+# Downloads need the internet and small steps are not worth a batch job: on a cluster these run
+# where Snakemake runs (the login node), not through the scheduler.
+localrules:
+    all,
+    source,
+    prepare_input,
+
+
 rule all:
     default_target: True
     input:
@@ -26,3 +34,4 @@ rule all:
         "results/evaluation/metrics.csv",
         "results/evaluation/table.md",
         FIGURES,
+        expand("results/downscaled/{name}.nc", name=config["inference_inputs"]),

@@ -22,3 +22,11 @@ FIGURES = ["results/evaluation/figures/training_curves.png"] + [
 def stage_config(*keys):
     """The config keys a stage reads, as JSON: a rule re-runs only when these change."""
     return json.dumps({key: config[key] for key in keys}, sort_keys=True)
+
+
+def input_config(name):
+    """Config slice for one inference input (so only its own entry triggers a re-run)."""
+    if name not in config["inference_inputs"]:
+        raise ValueError(f"no inference_inputs entry named {name!r} in the config")
+    spec = {"inference_inputs": {name: config["inference_inputs"][name]}}
+    return json.dumps({"variables": config["variables"], **spec}, sort_keys=True)

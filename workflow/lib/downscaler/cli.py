@@ -19,14 +19,23 @@ from downscaler.io import read_json, write_json, write_netcdf
 from downscaler.variables import short_names
 
 
-def synthetic(args, config: dict) -> None:
-    from downscaler.sources.synthetic import generate
+def source(args, config: dict) -> None:
+    from downscaler.sources.prepare import load_training_source
 
-    fields, static = generate(config["variables"], config["region"], config["resolution"],
-                              config["period"]["start"], config["period"]["end"],
-                              config["frequency"], config["seed"])
-    write_netcdf(fields, args.fields)
+    fields, static = load_training_source(config, args.raw_dir)
     write_netcdf(static, args.static)
+    write_netcdf(fields, args.fields)
+
+
+def prepare_input(args, config: dict) -> None:
+    from downscaler.sources.prepare import open_inference_input, to_model_grid
+
+    spec = config["inference_inputs"][args.name]
+    with xr.open_dataset(args.coarse) as coarse:
+        grid = coarse[["lat", "lon"]].load()
+    ds = to_model_grid(open_inference_input(spec, config), grid)
+    ds.attrs.update(source=f"inference input {args.name!r}: {json.dumps(spec, sort_keys=True)}")
+    write_netcdf(ds, args.out)
 
 
 def pairs(args, config: dict) -> None:
@@ -91,7 +100,8 @@ def evaluate(args, config: dict) -> None:
 
 
 STAGES = {
-    "synthetic": (synthetic, ["fields", "static"]),
+    "source": (source, ["raw_dir", "fields", "static"]),
+    "prepare_input": (prepare_input, ["name", "coarse", "out"]),
     "pairs": (pairs, ["fields", "static", "fine", "coarse", "stats"]),
     "tiles": (tiles, ["fine", "coarse", "stats", "split", "out"]),
     "train": (train, ["train", "val", "checkpoint", "log"]),

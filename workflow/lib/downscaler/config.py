@@ -47,11 +47,16 @@ def _fill_defaults(node: Any, schema: dict, root: dict) -> None:
         schema = _resolve(schema["$ref"], root)
     if not isinstance(node, dict):
         return
-    for key, sub in schema.get("properties", {}).items():
+    properties = schema.get("properties", {})
+    for key, sub in properties.items():
         if key not in node and "default" in sub:
             node[key] = copy.deepcopy(sub["default"])
         if key in node:
             _fill_defaults(node[key], sub, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):  # named entries, e.g. inference_inputs.<name>
+        for key in node.keys() - properties.keys():
+            _fill_defaults(node[key], extra, root)
 
 
 def _resolve(ref: str, root: dict) -> dict:
@@ -106,7 +111,23 @@ def _check_semantics(config: dict) -> None:
     for (a, (_, a_end)), (b, (b_start, _)) in zip(ordered, ordered[1:], strict=False):
         if b_start <= a_end:
             raise ConfigError(f"config key split: {a} and {b} overlap; splits must be disjoint")
+    _check_sources(config)
     _check_grid(config)
+
+
+def _check_sources(config: dict) -> None:
+    if config["source"] == "local" and not config["local"]["paths"]:
+        raise ConfigError("config key local.paths: source local needs files or glob patterns")
+    needs = {"cmip6": {"local": ["root", "source_id", "experiment"],
+                       "esgf": ["source_id", "experiment"]},
+             "local": {"local": ["paths"], "esgf": ["paths"]}}
+    for name, spec in config["inference_inputs"].items():
+        if not name.isidentifier():
+            raise ConfigError(f"config key inference_inputs.{name}: use letters, digits and _")
+        missing = [k for k in needs[spec["source"]][spec["provider"]] if not spec.get(k)]
+        if missing:
+            raise ConfigError(f"config key inference_inputs.{name}: {spec['source']} input "
+                              f"needs {missing}")
 
 
 def grid_shape(config: dict) -> tuple[int, int]:

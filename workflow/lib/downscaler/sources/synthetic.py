@@ -39,9 +39,10 @@ its maximum is h_peak ~ U(2000, 3000) m. Land is H > thr (exactly where orog > 0
     orog = h * h_peak / max(h)  [m],     lsm = (1 + tanh((H - thr) / w_c)) / 2,
 
 w_c the median change of H between neighbouring cells, so the mask is smooth over about one
-cell, lies in 0..1 and lsm > 0.5 exactly on land. This gives a within-4x4-block orography std
-of roughly 100-300 m over land on 32x64 to 256x512 grids (the roughness term is what
-carries it; the smooth fractal alone would leave it too small).
+cell, lies in 0..1 and lsm > 0.5 exactly on land. The within-4x4-block orography std over
+land comes out at roughly 100-300 m (measured over seeds: ~120 m on 256x512 grids, 150-430 m
+on 32x64 grids, as max(h) is pinned and larger grids hold more extreme peaks); the roughness
+term carries most of it, the smooth fractal alone would leave too little sub-block relief.
 
 Large-scale flow (what u10, v10 and the windward rain enhancement share)
 -------------------------------------------------------------------------
@@ -81,7 +82,8 @@ below (wavelengths shorter than 8 cells).
     T = T0(phi) + T_season + T_syn + T_diurnal - Gamma orog + 0.4 K n_T,
     T0(phi) = 299 K - 42 K sin^2(phi),
     T_season = -(3 K + 12 K c) sin(phi) cos(2 pi (d - 20) / 365.2425)
-        (c = 5x5-cell mean of lsm, continentality: land swings ~4x more than sea; sin(phi)
+        (c = continentality, the mean of lsm over a box of +-200 km, at least +-1 cell: land
+        interiors swing up to 5x more than sea; sin(phi)
         flips the sign between hemispheres, coldest ~20 January in the north),
     T_syn = -tanh(phi / 15deg) sum_j 0.7 K s/m * V_j P_j sin(theta_j) M_j
         (in phase with v': warm where the flow comes from the equator; vanishes in the
@@ -172,6 +174,7 @@ LAPSE_RATE_K_PER_M = 6.5e-3
 T_NOISE_K = 0.4
 NOISE_MAX_WAVELENGTH_CELLS = 8.0
 SYNOPTIC_K_PER_MS = 0.7
+CONTINENTALITY_KM = 200.0
 DIURNAL_SEA_K, DIURNAL_LAND_K = 0.5, 4.5
 SUBHOURLY_K = 0.15
 
@@ -202,12 +205,17 @@ def generate(
     """Return (fields, static) on a regular lat-lon grid.
 
     `fields` has dims (time, lat, lon), float32, one variable per requested config name under
-    its short name; `static` has `orog` and `lsm` on (lat, lon). The same arguments always give
-    bit-identical arrays. See the module docstring for the physics.
+    its short name (units K, mm/day, m/s); time runs from `start` 00:00 to `end` inclusive,
+    one stamp per day at 00:00 ("daily", daily means and extremes) or every hour through
+    `end` 23:00 ("hourly"). `static` has `orog` (m) and `lsm` (0..1) on (lat, lon). The grid
+    is cell-centred in `region` (south, north, west, east in degrees) with `resolution`
+    degrees spacing. The same arguments always give bit-identical arrays, and each field does
+    not depend on which other variables are requested. See the module docstring for physics.
     """
     shorts = _check_variables(variables)
     lat, lon = _grid(region, resolution)
     times = _times(start, end, frequency)
+    first, last = _parse_date(start, "start"), _parse_date(end, "end")
     seed = _check_seed(seed)
     streams = dict(zip(_STREAMS, np.random.SeedSequence(seed).spawn(len(_STREAMS)), strict=True))
     rngs = {name: np.random.default_rng(s) for name, s in streams.items()}
@@ -232,8 +240,8 @@ def generate(
         "variables": ",".join(variables),
         "region": json.dumps({k: float(region[k]) for k in ("south", "north", "west", "east")}),
         "resolution": float(resolution),
-        "start": start,
-        "end": end,
+        "start": first.isoformat(),
+        "end": last.isoformat(),
         "frequency": frequency,
         "seed": seed,
         "Conventions": "CF-1.8",
@@ -300,9 +308,7 @@ def _grid(region: dict, resolution: float) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"resolution must be a positive number of degrees, got {resolution!r}")
     keys = ("south", "north", "west", "east")
     if not isinstance(region, dict) or any(k not in region for k in keys):
-        raise ValueError(
-            f"region must be a dict with keys {list(keys)} (degrees), got {region!r}"
-        )
+        raise ValueError(f"region must be a dict with keys {list(keys)} (degrees), got {region!r}")
     try:
         south, north, west, east = (float(region[k]) for k in keys)
     except (TypeError, ValueError):
@@ -312,9 +318,7 @@ def _grid(region: dict, resolution: float) -> tuple[np.ndarray, np.ndarray]:
             f"region needs -90 <= south < north <= 90, got south={south}, north={north}"
         )
     if not (-180 <= west < east <= 180):
-        raise ValueError(
-            f"region needs -180 <= west < east <= 180, got west={west}, east={east}"
-        )
+        raise ValueError(f"region needs -180 <= west < east <= 180, got west={west}, east={east}")
     counts = []
     for name, lo, hi in (("north - south", south, north), ("east - west", west, east)):
         n = (hi - lo) / resolution
@@ -360,14 +364,22 @@ def _coords(lat: np.ndarray, lon: np.ndarray) -> dict:
         "lat": (
             "lat",
             lat,
-            {"units": "degrees_north", "standard_name": "latitude", "long_name": "latitude",
-             "axis": "Y"},
+            {
+                "units": "degrees_north",
+                "standard_name": "latitude",
+                "long_name": "latitude",
+                "axis": "Y",
+            },
         ),
         "lon": (
             "lon",
             lon,
-            {"units": "degrees_east", "standard_name": "longitude", "long_name": "longitude",
-             "axis": "X"},
+            {
+                "units": "degrees_east",
+                "standard_name": "longitude",
+                "long_name": "longitude",
+                "axis": "X",
+            },
         ),
     }
 
@@ -422,10 +434,22 @@ def _normalise_rfft_amplitude(amp: np.ndarray, ny: int, nx: int) -> np.ndarray:
     return amp / math.sqrt(var)
 
 
-def _gaussian_field(rng: np.random.Generator, amp: np.ndarray, shape: tuple, ny: int,
-                    nx: int) -> np.ndarray:
-    """Random fields of the given rfft2 amplitude; `shape` prefixes the (ny, nx) dims."""
-    white = rng.standard_normal((*shape, *amp.shape, 2), dtype=np.float32)
+def _gaussian_field(
+    rng: np.random.Generator,
+    amp: np.ndarray,
+    shape: tuple,
+    ny: int,
+    nx: int,
+    white: np.ndarray | None = None,
+) -> np.ndarray:
+    """Random fields of the given rfft2 amplitude; `shape` prefixes the (ny, nx) dims.
+
+    `white`, if given, is a float32 buffer of shape (*shape, *amp.shape, 2) to draw into, so
+    that repeated calls do not allocate (and page-fault) a fresh spectrum each time.
+    """
+    if white is None:
+        white = np.empty((*shape, *amp.shape, 2), dtype=np.float32)
+    rng.standard_normal(dtype=np.float32, out=white)
     spec = white.view(np.complex64)[..., 0]
     spec *= amp.astype(np.float32)
     return scipy.fft.irfft2(spec, s=(ny, nx), axes=(-2, -1), overwrite_x=True)
@@ -510,9 +534,16 @@ class _Waves:
     amp: np.ndarray
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, n: int, m_range: tuple[int, int],
-             l_range: tuple[float, float], c_range: tuple[float, float],
-             tau_days: tuple[float, float], amp_range: tuple[float, float]) -> _Waves:
+    def draw(
+        cls,
+        rng: np.random.Generator,
+        n: int,
+        m_range: tuple[int, int],
+        l_range: tuple[float, float],
+        c_range: tuple[float, float],
+        tau_days: tuple[float, float],
+        amp_range: tuple[float, float],
+    ) -> _Waves:
         m = rng.integers(m_range[0], m_range[1] + 1, n).astype(np.float64)
         speed = rng.uniform(*c_range, n)
         return cls(
@@ -542,20 +573,33 @@ class _Waves:
 class _Atmosphere:
     """Weather generator on a fixed grid: precomputed static parts, fields per time chunk."""
 
-    def __init__(self, lat: np.ndarray, lon: np.ndarray, orog: np.ndarray, lsm: np.ndarray,
-                 rngs: dict[str, np.random.Generator]) -> None:
+    def __init__(
+        self,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        orog: np.ndarray,
+        lsm: np.ndarray,
+        rngs: dict[str, np.random.Generator],
+    ) -> None:
         self.ny, self.nx = lat.size, lon.size
         self.lat_deg = lat
-        self.lon_deg = lon
         phi, lam = np.deg2rad(lat), np.deg2rad(lon)
         self.lam = lam
         self.rngs = rngs
         col = (slice(None), None)  # (lat,) -> (lat, 1)
 
-        self.syn = _Waves.draw(rngs["synoptic"], N_SYNOPTIC_WAVES, (4, 12), (4.0, 12.0),
-                               (6.0, 14.0), (6.0, 20.0), (3.0, 7.0))
-        self.rain = _Waves.draw(rngs["rain"], N_RAIN_WAVES, (8, 24), (8.0, 24.0),
-                                (8.0, 16.0), (3.0, 8.0), (1.0, 1.0))
+        self.syn = _Waves.draw(
+            rngs["synoptic"],
+            N_SYNOPTIC_WAVES,
+            (4, 12),
+            (4.0, 12.0),
+            (6.0, 14.0),
+            (6.0, 20.0),
+            (3.0, 7.0),
+        )
+        self.rain = _Waves.draw(
+            rngs["rain"], N_RAIN_WAVES, (8, 24), (8.0, 24.0), (8.0, 16.0), (3.0, 8.0), (1.0, 1.0)
+        )
         syn_m = self.syn.meridional(phi)
         syn_d = np.sin(phi)[None, :] * syn_m + self.syn.l[:, None] * np.cos(phi)[None, :] * np.sin(
             self.syn.l[:, None] * (phi[None, :] - self.syn.q[:, None])
@@ -574,16 +618,19 @@ class _Atmosphere:
             - 3 * np.exp(-(((np.abs(lat) - 75) / 8) ** 2))
         )[col].astype(np.float32)
         self.sinphi = np.sin(phi)[col]
-        self.abs_lat = np.abs(lat)[col]
 
         # Statics entering the weather.
         self.orog = orog
         self.lsm = lsm
-        rough = np.sqrt(np.maximum(
-            _box_mean(orog.astype(np.float64) ** 2, 1) - _box_mean(orog, 1) ** 2, 0.0))
+        rough = np.sqrt(
+            np.maximum(_box_mean(orog.astype(np.float64) ** 2, 1) - _box_mean(orog, 1) ** 2, 0.0)
+        )
         self.friction = ((1 - FRICTION_LAND * lsm) / (1 + rough / FRICTION_ROUGHNESS_M)).astype(
-            np.float32)
-        self.continental = _box_mean(lsm, 2).astype(np.float32)
+            np.float32
+        )
+        cell_km = EARTH_RADIUS_M / 1000 * (np.deg2rad(lat[1] - lat[0]) if self.ny > 1 else 1.0)
+        radius = max(1, round(CONTINENTALITY_KM / cell_km))
+        self.continental = _box_mean(lsm, min(radius, max(lsm.shape))).astype(np.float32)
         self.t0 = (299.0 - 42.0 * np.sin(phi) ** 2)[col].astype(np.float32)
         self.diurnal_amp = (DIURNAL_SEA_K + DIURNAL_LAND_K * lsm).astype(np.float32)
         self.lapse = (LAPSE_RATE_K_PER_M * orog).astype(np.float32)
@@ -593,11 +640,11 @@ class _Atmosphere:
         o = orog.astype(np.float64)
         dh_dy = np.gradient(o, axis=0) / (EARTH_RADIUS_M * dlat) if self.ny > 1 else 0 * o
         coslat = np.maximum(np.cos(phi), 0.05)[col]
-        dh_dx = (np.gradient(o, axis=1) / (EARTH_RADIUS_M * dlon * coslat)
-                 if self.nx > 1 else 0 * o)
+        dh_dx = np.gradient(o, axis=1) / (EARTH_RADIUS_M * dlon * coslat) if self.nx > 1 else 0 * o
         self.dh_dx = dh_dx.astype(np.float32)
         self.dh_dy = dh_dy.astype(np.float32)
         self.noise_amp = _small_scale_filter(self.ny, self.nx, NOISE_MAX_WAVELENGTH_CELLS)
+        self._buffers: dict[str, np.ndarray] = {}
         # Time-independent parts of T and z, precomputed once.
         self.t_static = (self.t0 - self.lapse).astype(np.float32)
         self.amp_season = ((3.0 + 12.0 * self.continental) * self.sinphi).astype(np.float32)
@@ -609,12 +656,26 @@ class _Atmosphere:
             - 0.3
         )[None, :]
 
-    def _noise(self, stream: str, n: int) -> np.ndarray:
-        return _gaussian_field(self.rngs[stream], self.noise_amp, (n,), self.ny, self.nx)
+    def _buffer(self, name: str, n: int) -> np.ndarray:
+        """A reusable float32 (n, lat, lon) work array: allocating fresh multi-MiB arrays every
+        chunk makes the allocator map and fault new pages, which costs more than the maths."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < n:
+            buf = self._buffers[name] = np.empty((n, self.ny, self.nx), dtype=np.float32)
+        return buf[:n]
 
-    def _combine(self, lat_part: np.ndarray, lon_part: np.ndarray) -> np.ndarray:
+    def _noise(self, stream: str, n: int) -> np.ndarray:
+        white = self._buffers.get("white")
+        if white is None or white.shape[0] < n:
+            white = self._buffers["white"] = np.empty(
+                (n, *self.noise_amp.shape, 2), dtype=np.float32
+            )
+        return _gaussian_field(
+            self.rngs[stream], self.noise_amp, (n,), self.ny, self.nx, white=white[:n]
+        )
+
+    def _combine(self, lat_part: np.ndarray, lon_part: np.ndarray, out: np.ndarray) -> np.ndarray:
         """sum_j A[lat, j] B[t, j, lon] -> (t, lat, lon); one small GEMM per step is the fastest."""
-        out = np.empty((lon_part.shape[0], self.ny, self.nx), dtype=np.float32)
         for i in range(lon_part.shape[0]):
             np.matmul(lat_part, lon_part[i], out=out[i])
         return out
@@ -622,13 +683,15 @@ class _Atmosphere:
     def evaluate(self, t: np.ndarray, out: dict[str, np.ndarray], hourly: bool) -> None:
         """Write every field in `out` (short name -> (time, lat, lon) float32 view) at times t.
 
-        t is in seconds since TIME_ORIGIN. Work is done in place where it can be, because at
+        t is in seconds since TIME_ORIGIN. Work is done in place, in reused buffers, because at
         these sizes allocating and touching fresh arrays costs more than the arithmetic.
         """
+        n = t.size
         want = set(out)
         need_t = bool(want & {"t2m", "mn2t", "mx2t"})
         cos_s, sin_s = self.syn.zonal(t, self.lam)
-        v_syn = self._combine(self.v_lat, sin_s)
+        v_syn = self._combine(self.v_lat, sin_s, self._buffer("v", n))
+        work = self._buffer("work", n)
         z = None
         if "tp" in want or need_t:
             cos_r, _ = self.rain.zonal(t, self.lam)
@@ -636,16 +699,16 @@ class _Atmosphere:
             itcz = 6.0 * np.sin(2 * np.pi * (days - 110) / DAYS_PER_YEAR)
             clim = 1.2 * np.exp(-(((self.lat_deg[None, :] - itcz[:, None]) / 10) ** 2))
             clim += self.clim_static
-            z = self._combine(self.rain_lat, cos_r)
+            z = self._combine(self.rain_lat, cos_r, self._buffer("z", n))
             z *= 0.8 / self.rain_sd
             z += clim.astype(np.float32)[..., None]
-            z += self.z_vcoef * v_syn
+            z += np.multiply(self.z_vcoef, v_syn, out=work)
         if want & {"u10", "v10", "tp"}:
-            u = self._combine(self.u_lat, cos_s)
+            u = self._combine(self.u_lat, cos_s, self._buffer("u", n))
             u += self.u_mean
             for name, flow in (("u10", u), ("v10", v_syn)):
                 if name in want:
-                    turbulence = self._noise(f"noise_{name[0]}", t.size)
+                    turbulence = self._noise(f"noise_{name[0]}", n)
                     turbulence *= WIND_NOISE_MS
                     turbulence += flow
                     np.multiply(turbulence, self.friction, out=out[name])
@@ -654,11 +717,10 @@ class _Atmosphere:
         if need_t:
             self._temperature(t, v_syn, z, out, hourly)
 
-    def _precipitation(self, z: np.ndarray, u: np.ndarray, v: np.ndarray,
-                       rate: np.ndarray) -> None:
+    def _precipitation(self, z: np.ndarray, u: np.ndarray, v: np.ndarray, rate: np.ndarray) -> None:
         """tp into `rate`: thresholded rain potential x windward factor x lognormal noise."""
-        upslope = np.multiply(u, self.dh_dx)
-        upslope += v * self.dh_dy
+        upslope = np.multiply(u, self.dh_dx, out=u)  # u is not needed after this
+        upslope += np.multiply(v, self.dh_dy, out=self._buffer("work", z.shape[0]))
         np.clip(upslope, 0.0, UPSLOPE_MAX_MS, out=upslope)
         upslope *= RAIN_RATE_MM_DAY * OROGRAPHIC_ALPHA_S_PER_M
         upslope += RAIN_RATE_MM_DAY
@@ -672,10 +734,17 @@ class _Atmosphere:
         rate *= noise
         rate[rate < TRACE_MM_DAY] = 0.0
 
-    def _temperature(self, t: np.ndarray, v_syn: np.ndarray, z: np.ndarray,
-                     out: dict[str, np.ndarray], hourly: bool) -> None:
+    def _temperature(
+        self,
+        t: np.ndarray,
+        v_syn: np.ndarray,
+        z: np.ndarray,
+        out: dict[str, np.ndarray],
+        hourly: bool,
+    ) -> None:
         """t2m, mn2t, mx2t into their views in `out` (whichever are there)."""
-        temp = out["t2m"] if "t2m" in out else np.empty_like(v_syn)
+        n = t.size
+        temp = out["t2m"] if "t2m" in out else self._buffer("t", n)
         days = (t / SECONDS_PER_DAY)[:, None, None]
         season = np.cos(2 * np.pi * (days - 20) / DAYS_PER_YEAR).astype(np.float32)
         np.multiply(self.amp_season, season, out=temp)
@@ -686,7 +755,7 @@ class _Atmosphere:
         noise *= T_NOISE_K
         temp += noise
         # Diurnal amplitude A = A_0 (1 - 0.5 cloud), cloud = clip(0.5 + 0.5 (z - z0), 0, 1).
-        amp = np.subtract(z, RAIN_THRESHOLD - 1.0)
+        amp = np.subtract(z, RAIN_THRESHOLD - 1.0, out=self._buffer("work", n))
         np.clip(amp, 0.0, 2.0, out=amp)
         amp *= -0.25
         amp += 1.0

@@ -1,0 +1,153 @@
+"""The whole workflow, end to end, through Snakemake on tiny data; lint; every source."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import yaml
+
+from tests.conftest import REPO
+from tests.fake_cds import fake_cds  # noqa: F401  (fixture)
+
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "seed": 3,
+    "source": "synthetic",
+    "region": {"south": 40.0, "north": 48.0, "west": 0.0, "east": 16.0},
+    "resolution": 0.5,  # 16 x 32 fine cells -> 4 x 8 coarse cells
+    "period": {"start": "2000-01-01", "end": "2000-02-29"},
+    "split": {
+        "train": {"start": "2000-01-01", "end": "2000-02-09"},
+        "val": {"start": "2000-02-10", "end": "2000-02-19"},
+        "test": {"start": "2000-02-20", "end": "2000-02-29"},
+    },
+    "regrid": {"factor": 4},
+    "tiles": {"div_lat": 1, "div_lon": 2, "halo": 1},
+    "train": {"epochs": 2, "batch_size": 16},
+}
+
+
+def run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True):
+    """Run the repository's Snakefile in `workdir` with `config`, as a user would."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}"
+                         for p in sorted((workdir / "logs").rglob("*.log")))
+        pytest.fail(f"snakemake failed:\n{result.stderr[-4000:]}\n{logs}")
+    return result
+
+
+def check_outputs(workdir: Path) -> pd.DataFrame:
+    """Every final output exists; numbers are finite; the downscaled file is CF netCDF."""
+    results = workdir / "results"
+    for path in ["model/checkpoint.pt", "model/training_log.csv", "downscaled/test.nc",
+                 "evaluation/table.md", "evaluation/figures/maps_t2m.png",
+                 "evaluation/figures/training_curves.png"]:
+        assert (results / path).stat().st_size > 0, path
+    metrics = pd.read_csv(results / "evaluation/metrics.csv")
+    assert list(metrics.columns) == ["method", "variable", "metric", "value"]
+    assert {"reslim", "bicubic", "bilinear", "nearest"} <= set(metrics["method"])
+    assert {"rmse", "bias", "pearson_r"} <= set(metrics["metric"])
+    core = metrics[metrics["metric"].isin(["rmse", "bias", "pearson_r"])]
+    assert np.isfinite(core["value"]).all()
+    with xr.open_dataset(results / "downscaled/test.nc") as ds:
+        assert ds["t2m"].attrs["units"] == "K" and ds.attrs["Conventions"].startswith("CF")
+        assert np.isfinite(ds["t2m"]).all() and float(ds["tp"].min()) >= 0
+    return metrics
+
+
+@pytest.mark.slow
+def test_demo_workflow_end_to_end(tmp_path):
+    workdir = tmp_path / "run"
+    run_snakemake(workdir, TINY)
+    check_outputs(workdir)
+    # A second run has nothing to do: outputs are complete and up to date.
+    again = run_snakemake(workdir, TINY, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_bad_config_stops_before_any_rule(tmp_path):
+    bad = copy.deepcopy(TINY)
+    bad["train"]["epochs"] = 0
+    result = run_snakemake(tmp_path, bad, "-n", check=False)
+    assert result.returncode != 0
+    assert "config key train.epochs: 0 is less than the minimum of 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_workflow_is_lint_and_format_clean():
+    lint = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    fmt = subprocess.run([str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert fmt.returncode == 0, fmt.stderr
+
+
+@pytest.mark.slow
+def test_era5_source_end_to_end_against_fake_cds(tmp_path, fake_cds):  # noqa: F811
+    config = copy.deepcopy(TINY)
+    config.update(
+        source="era5",
+        resolution=1.0,  # ERA5 points 40..48 x 0..16 -> cropped to 8 x 16, coarse 4 x 8
+        period={"start": "2000-01-01", "end": "2000-01-21"},
+        split={"train": {"start": "2000-01-01", "end": "2000-01-14"},
+               "val": {"start": "2000-01-15", "end": "2000-01-17"},
+               "test": {"start": "2000-01-18", "end": "2000-01-21"}},
+        regrid={"factor": 2},
+        era5={"retries": 1, "retry_wait_s": 0.01, "max_parallel_requests": 2},
+    )
+    config["train"]["epochs"] = 1
+    workdir = tmp_path / "run"
+    run_snakemake(workdir, config)
+    check_outputs(workdir)
+    submitted = fake_cds.count("POST", "/execution")
+    assert submitted >= 3  # instantaneous + accumulated variables + invariants
+    raw = workdir / "resources/raw/era5"
+    assert any(raw.rglob("*.nc"))
+    # Forcing the source step again re-uses every complete download: nothing is re-requested.
+    run_snakemake(workdir, config, "--forcerun", "source", "--until", "source")
+    assert fake_cds.count("POST", "/execution") == submitted
+
+
+def test_local_source_reads_cds_style_files(tmp_path):
+    from downscaler.sources.prepare import load_training_source
+    from downscaler.sources.synthetic import generate
+
+    region = {"south": 40.0, "north": 44.0, "west": 0.0, "east": 4.0}
+    fields, static = generate(["2m_temperature", "total_precipitation"], region, 0.5,
+                              "2000-01-01", "2000-01-05")
+    # Write them the way the new CDS does: valid_time, descending latitude, 0..360 longitude,
+    # precipitation in metres (hourly accumulation).
+    cds = fields.rename(time="valid_time", lat="latitude", lon="longitude")
+    cds = cds.isel(latitude=slice(None, None, -1))
+    cds["tp"] = (cds["tp"] / 24000.0).assign_attrs(units="m")
+    cds = cds.assign_coords(longitude=cds["longitude"] % 360)
+    cds.to_netcdf(tmp_path / "fields.nc")
+    static.to_netcdf(tmp_path / "static.nc")
+    config = {"source": "local", "variables": ["2m_temperature", "total_precipitation"],
+              "region": region, "resolution": 0.5,
+              "period": {"start": "2000-01-02", "end": "2000-01-04"},
+              "local": {"paths": [str(tmp_path / "fields.nc")],
+                        "static_paths": [str(tmp_path / "static.nc")]}}
+    got, got_static = load_training_source(config, tmp_path / "raw")
+    assert got.sizes == {"time": 3, "lat": 8, "lon": 8}
+    np.testing.assert_allclose(got["t2m"], fields["t2m"].isel(time=slice(1, 4)), rtol=1e-6)
+    np.testing.assert_allclose(got["tp"], fields["tp"].isel(time=slice(1, 4)), rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(got_static["orog"], static["orog"])
+    config["resolution"] = 0.25
+    with pytest.raises(ValueError, match="set resolution: 0.5"):
+        load_training_source(config, tmp_path / "raw")

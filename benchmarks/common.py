@@ -1,0 +1,219 @@
+"""Helpers shared by the benchmark scripts: device choice, timing, peak memory, tables, JSON.
+
+Peak memory is measured the way each device allows:
+
+- GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
+  allocated before the measured work: the tensors the work itself needed (activations,
+  gradients, optimizer state), exact to the byte.
+- CPU: ``tracemalloc`` does not see torch's allocator, so the measure is the rise of the process
+  high-water mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` across the measured work. That
+  is only meaningful in a FRESH process (an earlier case would already have raised the mark), so
+  every case runs in its own spawned subprocess (``run_isolated``). It counts resident pages, so
+  it includes allocator slack and is coarser than the GPU number; compare cases with each other,
+  not with GPU figures.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from downscaler.io import write_json
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+__all__ = [
+    "RESULTS_DIR",
+    "PeakMemory",
+    "fmt_bytes",
+    "machine_info",
+    "pick_device",
+    "print_table",
+    "run_isolated",
+    "sync",
+    "time_fn",
+    "write_results",
+]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; or exactly the device asked for."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {requested}: no CUDA device here; use --device cpu or auto")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings measure the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, repeats: int = 3
+) -> dict[str, float]:
+    """Seconds per call of ``fn``: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    Returns min / median / mean; the tables report the minimum, the run least disturbed by other
+    load on a shared machine (as ``timeit`` advises); the JSON keeps all three.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "mean_s": statistics.fmean(times),
+        "repeats": repeats,
+    }
+
+
+def _maxrss_bytes() -> int:
+    """This process's resident high-water mark in bytes (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+class PeakMemory:
+    """Context manager: ``.bytes`` is the peak memory the enclosed work added (see module doc).
+
+    On CPU call it in a fresh process (``run_isolated``), after building the model and inputs.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes = 0
+        self.method = (
+            "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss delta"
+        )
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start = _maxrss_bytes()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self.bytes = _maxrss_bytes() - self._start
+
+
+def _isolated_entry(queue: Any, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    try:
+        queue.put(("ok", fn(**kwargs)))
+    except BaseException as err:  # report any failure to the parent instead of hanging it
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def run_isolated(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run module-level ``fn(**kwargs)`` in a fresh spawned process and return its result.
+
+    A fresh process gives each case its own ``ru_maxrss`` high-water mark and a cold allocator.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_isolated_entry, args=(queue, fn, kwargs))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark case {fn.__name__}({kwargs}) failed: {value}")
+    return value
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on (written into every JSON result)."""
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_bytes=props.total_memory,
+            gpu_count=torch.cuda.device_count(),
+            cuda=torch.version.cuda,
+        )
+    return info
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable bytes (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str = "") -> str:
+    """Print ``rows`` as a fixed-width table with ``columns`` (floats to 4 significant digits)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_results(name: str, payload: dict[str, Any], device: torch.device) -> Path:
+    """Write ``payload`` plus machine info and the command line to ``results/<name>.json``.
+
+    The results folder gets its own ``.gitignore`` (``*``): numbers are per machine, not source.
+    """
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    ignore = RESULTS_DIR / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")
+    path = RESULTS_DIR / f"{name}.json"
+    doc = {
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(device),
+        **payload,
+    }
+    write_json(json.loads(json.dumps(doc, default=str)), path)  # atomic (the project's writer)
+    print(f"wrote {path}", flush=True)
+    return path

@@ -1,0 +1,146 @@
+"""Hybrid parallelism (issue 5): every layout computes the same function as one process.
+
+Spawned gloo processes (world sizes 2 and 4) run a tiny float64 Reslim under each layout next to
+a single-process reference built from the same seed; forward outputs, gradients gathered to full
+tensors and parameters after 3 AdamW steps must agree to 1e-10. Cases of one world size share a
+spawn (process start-up dominates on 2 cores); the per-rank code is in tests/parallel_cases.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from downscaler.model.reslim import ReslimConfig
+from downscaler.parallel import Layout, LayoutError, spawn
+
+from tests import parallel_cases as cases
+
+TOL = 1e-10
+
+# name -> (layout config, activation checkpointing)
+WS2 = {
+    "ddp": ({"dp_replicate": 2}, False),
+    "fsdp": ({"dp_shard": 2}, False),
+    "tp": ({"tp": 2}, False),
+    "sp_ulysses": ({"sp": 2}, False),
+    "tp_dchag_linear": ({"tp": 2, "dchag": "linear"}, False),
+}
+WS4 = {
+    "hsdp": ({"dp_replicate": 2, "dp_shard": 2}, False),
+    "tp_x_fsdp": ({"tp": 2, "dp_shard": 2}, True),
+    "tp_x_sp": ({"tp": 2, "sp": 2}, True),
+    "sp_x_ddp": ({"sp": 2, "dp_replicate": 2}, False),
+    "tp_x_replicate": ({"tp": 2, "dp_replicate": 2}, False),
+    "tp_x_sp_dchag_cross": ({"tp": 2, "sp": 2, "dchag": "cross"}, False),
+}
+
+
+def _run(world_size: int, table: dict) -> dict[str, list[dict]]:
+    per_rank = spawn(cases.run_parity, world_size, list(table.values()), timeout=300)
+    return {name: [r[i] for r in per_rank] for i, name in enumerate(table)}
+
+
+@pytest.fixture(scope="module")
+def parity_ws2() -> dict[str, list[dict]]:
+    return _run(2, WS2)
+
+
+@pytest.fixture(scope="module")
+def parity_ws4() -> dict[str, list[dict]]:
+    return _run(4, WS4)
+
+
+def _check(name: str, config: dict, ranks: list[dict]) -> None:
+    for rank, res in enumerate(ranks):
+        where = f"{name} {config} rank {rank}"
+        assert res["n_grads"] == res["n_params"] > 0, where
+        assert res["moved"] > 1e-4, f"{where}: AdamW did not move the parameters"
+        for key in ("out", "loss", "grad", "param"):
+            assert res[key] < TOL, f"{where}: max |{key} - reference| = {res[key]:.3e}"
+
+
+@pytest.mark.parametrize("name", list(WS2))
+def test_parity_world_size_2(parity_ws2, name):
+    _check(name, WS2[name][0], parity_ws2[name])
+
+
+@pytest.mark.parametrize("name", list(WS4))
+def test_parity_world_size_4(parity_ws4, name):
+    _check(name, WS4[name][0], parity_ws4[name])
+
+
+def test_tp_bias_and_error_paths():
+    for rank, res in enumerate(spawn(cases.misc_checks, 2, timeout=300)):
+        bias, errors = res["bias"], res["errors"]
+        assert bias["local_heads"] == 2, rank
+        for part in ("attn", "mlp"):
+            # Correct: equal to one process. The pitfall (bias on every rank, tp*b) is ~1 away.
+            assert bias[f"{part}_diff"] < TOL, (rank, part, bias)
+            assert bias[f"{part}_naive_diff"] > 0.4, (rank, part, bias)
+        assert bias["block_diff"] < TOL and bias["bias_grad_diff"] < TOL, (rank, bias)
+        assert "9 tokens cannot be split over sp=2" in errors["sequence"]
+        assert "batch size 5 is not divisible" in errors["batch"]
+        assert errors["mesh"].startswith("LayoutError") and "build_mesh" in errors["mesh"]
+        assert "world size is 2" in errors["world"]
+
+
+def test_spawn_returns_results_and_names_failed_rank():
+    assert spawn(cases.sum_of_ranks, 2, 10, timeout=120) == [21.0, 21.0]
+    with pytest.raises(RuntimeError) as info:
+        spawn(cases.fail_on_rank_one, 2, timeout=120, grace=2.0)
+    msg = str(info.value)
+    assert "rank 1" in msg and "deliberate failure for the launch test" in msg
+
+
+# ---------------------------------------------------------------- layout (no processes needed)
+def _cfg(**kw) -> ReslimConfig:
+    base = dict(
+        in_vars=["t2m", "tp"],
+        out_vars=["t2m"],
+        static_vars=["orog", "lsm"],
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=4.0,
+    )
+    return ReslimConfig(**{**base, **kw})
+
+
+def test_layout_valid_and_world_size():
+    layout = Layout(dp_replicate=2, dp_shard=2, tp=2, sp=2)
+    assert layout.world_size == 16 and layout.dp == 4
+    layout.validate(16, _cfg(num_heads=4))  # no error
+    Layout(tp=2, dchag="cross").validate(2, _cfg())
+
+
+def test_layout_validate_lists_every_problem_once():
+    with pytest.raises(LayoutError) as info:
+        Layout(tp=3, sp=2).validate(4, _cfg(embed_dim=32, num_heads=4, mlp_ratio=4.0))
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "4 problem(s)" in msg
+    assert "= 6 but the world size is 4" in msg
+    assert "num_heads=4 is not divisible by tp*sp" in msg
+    assert "embed_dim=32 is not divisible by tp=3" in msg
+    assert "MLP hidden size" in msg and "128" in msg
+
+
+def test_layout_dchag_problems():
+    with pytest.raises(LayoutError, match="needs tp > 1"):
+        Layout(dchag="linear").validate(1, _cfg())
+    with pytest.raises(LayoutError, match=r"2 \+ 1 = 3 over tp=2"):
+        Layout(tp=2, dchag="cross").validate(2, _cfg(static_vars=["orog"]))
+    with pytest.raises(LayoutError, match="dchag must be null"):
+        Layout(tp=2, dchag="tree").validate(2, _cfg())
+
+
+def test_layout_from_config():
+    cfg = {"dp_replicate": 1, "dp_shard": 2, "tp": 2, "sp": 1, "dchag": None}
+    assert Layout.from_config(cfg) == Layout(dp_shard=2, tp=2)
+    assert Layout.from_config({}) == Layout()
+    with pytest.raises(LayoutError) as info:
+        Layout.from_config({"dp": 2, "tp": 2, "tpp": 1})
+    assert "'dp'" in str(info.value) and "'tpp'" in str(info.value)
+    with pytest.raises(LayoutError, match="tp must be an integer >= 1, got 0"):
+        Layout.from_config({"tp": 0})
+    with pytest.raises(LayoutError, match="mapping"):
+        Layout.from_config([("tp", 2)])

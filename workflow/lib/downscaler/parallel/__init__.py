@@ -1,0 +1,21 @@
+"""Hybrid parallelism applied to a plain model from outside (torchtitan style).
+
+One ``Layout`` (data replicas x FSDP shards x Ulysses sequence x Megatron tensor sizes) becomes
+one DeviceMesh (``build_mesh``); ``parallelize`` applies D-CHAG, tensor parallel, sequence
+parallel, activation checkpointing and FSDP2 / HSDP / DDP to a ``Reslim`` in that order.
+``launch.spawn`` starts local gloo processes for tests and CPU benchmarks.
+"""
+
+from .launch import spawn
+from .layout import Layout, LayoutError, build_mesh
+from .parallelize import parallelize, reduce_gradients, shard_batch
+
+__all__ = [
+    "Layout",
+    "LayoutError",
+    "build_mesh",
+    "parallelize",
+    "reduce_gradients",
+    "shard_batch",
+    "spawn",
+]

@@ -1,0 +1,168 @@
+"""One description of the hybrid-parallel layout and the DeviceMesh built from it.
+
+This is the shape of torchtitan's ``ParallelDims``: four sizes (data-parallel replicas, FSDP
+shards, Ulysses sequence ranks, Megatron tensor ranks) whose product is the world size, checked
+against the model before anything is built, then turned into one 4-D mesh
+``("dp_replicate", "dp_shard", "sp", "tp")``. ``tp`` is innermost, so a tensor-parallel group is
+consecutive ranks (on a GPU node: the fastest links carry the most frequent collectives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ..model.reslim import ReslimConfig
+
+__all__ = ["DCHAG_MODES", "MESH_DIMS", "Layout", "LayoutError", "build_mesh"]
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "tp")
+DCHAG_MODES = ("linear", "cross")
+
+
+class LayoutError(ValueError):
+    """A parallel layout that does not fit the world size or the model (one message, all issues)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of each parallel dimension; their product is the number of processes.
+
+    - ``dp_replicate``: replica groups (DDP alone, or the replicate dim of HSDP);
+    - ``dp_shard``: FSDP2 shard groups (parameters, gradients, optimizer state sharded);
+    - ``tp``: Megatron tensor parallel over consecutive ranks;
+    - ``sp``: Ulysses sequence parallel (tokens of the transformer blocks split over ranks);
+    - ``dchag``: ``None``, ``"linear"`` or ``"cross"``: D-CHAG channel aggregation over the tp
+      group (needs ``tp > 1``).
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    sp: int = 1
+    dchag: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes this layout needs."""
+        return self.dp_replicate * self.dp_shard * self.tp * self.sp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many different slices of the batch are processed at once."""
+        return self.dp_replicate * self.dp_shard
+
+    def _size_problems(self) -> list[str]:
+        problems = []
+        for name in MESH_DIMS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        if self.dchag is not None and self.dchag not in DCHAG_MODES:
+            problems.append(f"dchag must be null, 'linear' or 'cross', got {self.dchag!r}")
+        return problems
+
+    def validate(self, world_size: int, cfg: ReslimConfig) -> None:
+        """Check this layout against ``world_size`` processes and the model ``cfg``.
+
+        Raises ``LayoutError`` with one message listing every problem, so a user fixes a config
+        in one round. Sequence-length divisibility by ``sp`` depends on the tile and is checked
+        at forward time.
+        """
+        problems = self._size_problems()
+        if problems:  # the arithmetic below needs valid integers
+            raise LayoutError(_message(problems))
+        if self.world_size != world_size:
+            problems.append(
+                f"dp_replicate*dp_shard*sp*tp = {self.dp_replicate}*{self.dp_shard}*{self.sp}*"
+                f"{self.tp} = {self.world_size} but the world size is {world_size}; make the "
+                "product equal the number of processes"
+            )
+        heads, dim = cfg.num_heads, cfg.embed_dim
+        hidden = int(round(dim * cfg.mlp_ratio))
+        if heads % (self.tp * self.sp):
+            problems.append(
+                f"num_heads={heads} is not divisible by tp*sp = {self.tp}*{self.sp} = "
+                f"{self.tp * self.sp}; each tensor x sequence rank needs whole attention heads"
+            )
+        if dim % self.tp:
+            problems.append(f"embed_dim={dim} is not divisible by tp={self.tp}")
+        if hidden % self.tp:
+            problems.append(
+                f"MLP hidden size embed_dim*mlp_ratio = {hidden} is not divisible by "
+                f"tp={self.tp}; change mlp_ratio or tp"
+            )
+        if self.dchag is not None:
+            if self.tp < 2:
+                problems.append(
+                    f"dchag={self.dchag!r} splits the input channels over the tp group and needs "
+                    f"tp > 1 (got tp={self.tp}); set tp >= 2 or dchag: null"
+                )
+            else:
+                n_in, n_static = len(cfg.in_vars), len(cfg.static_vars)
+                if (n_in + n_static) % self.tp:
+                    problems.append(
+                        f"dchag splits the channels in_vars + static_vars = {n_in} + {n_static} "
+                        f"= {n_in + n_static} over tp={self.tp} ranks, which needs them "
+                        "divisible by tp; add or drop variables, or change tp"
+                    )
+        if problems:
+            raise LayoutError(_message(problems))
+
+    @classmethod
+    def from_config(cls, d: dict[str, Any]) -> Layout:
+        """Build from a config mapping such as ``{"dp_shard": 2, "tp": 2, "dchag": None}``.
+
+        Missing keys take their defaults; unknown keys are an error (a typo such as ``"dp"``
+        would otherwise silently run without parallelism).
+        """
+        if not isinstance(d, dict):
+            raise LayoutError(
+                f"parallel layout must be a mapping like {{'dp_shard': 2, 'tp': 2}}, got {d!r}"
+            )
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise LayoutError(f"unknown parallel layout key(s) {unknown}; valid keys are {known}")
+        layout = cls(**d)
+        problems = layout._size_problems()
+        if problems:
+            raise LayoutError(_message(problems))
+        return layout
+
+
+def _message(problems: list[str]) -> str:
+    """One error message listing every problem, numbered."""
+    lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+    return f"invalid parallel layout ({len(problems)} problem(s)):\n{lines}"
+
+
+def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
+    """The 4-D DeviceMesh ``("dp_replicate", "dp_shard", "sp", "tp")``, every dim present.
+
+    Size-1 dims are kept so callers can always slice ``mesh["tp"]`` etc. Needs an initialised
+    default process group of exactly ``layout.world_size`` ranks.
+    """
+    import torch.distributed as dist
+
+    problems = layout._size_problems()
+    if problems:
+        raise LayoutError(_message(problems))
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "build_mesh needs torch.distributed initialised (dist.init_process_group, or "
+            "downscaler.parallel.launch.spawn for local processes)"
+        )
+    if dist.get_world_size() != layout.world_size:
+        raise LayoutError(
+            _message(
+                [
+                    f"the layout needs {layout.world_size} processes but the world size is "
+                    f"{dist.get_world_size()}; make dp_replicate*dp_shard*sp*tp equal it"
+                ]
+            )
+        )
+    shape = tuple(getattr(layout, name) for name in MESH_DIMS)
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)

@@ -1,15 +1,23 @@
 """Pairs (nesting, splits, train-only statistics, normalisation) and the zarr tile store."""
 
+import importlib.util
+
+import dask
 import numpy as np
 import pytest
+import torch
+import xarray as xr
+import zarr
+from downscaler.compute import check_scheduler, dask_scheduler
 from downscaler.pairs import (
     compute_stats,
     denormalise,
     make_pairs,
     normalise,
     split_by_time,
+    write_pairs,
 )
-from downscaler.tiles_store import TileDataset, is_periodic, write_tiles
+from downscaler.tiles_store import TileDataset, is_periodic, window_steps, write_tiles
 from downscaler.tiling import stitch
 
 from tests.conftest import random_fields
@@ -81,3 +89,123 @@ def test_tile_store_holds_colocated_normalised_pairs(tmp_path):
 def test_global_grids_are_periodic():
     assert is_periodic(np.arange(0.5, 360, 1.0))
     assert not is_periodic(np.arange(0.5, 30, 1.0))
+
+
+def with_missing(fields):
+    """Land-only style data: NaN over a block of 'sea' cells and a few scattered gaps."""
+    fields = fields.copy(deep=True)
+    for name in ("t2m", "tp"):
+        fields[name].values[:, :8, :8] = np.nan
+        fields[name].values[1, 15, 19] = np.nan
+    return fields
+
+
+def test_streaming_statistics_equal_the_in_memory_ones_and_skip_nan():
+    fields, _ = random_fields(n_time=12, n_lat=20, n_lon=28)
+    fields = with_missing(fields)
+    in_memory = compute_stats(fields, ["t2m", "tp"])
+    streamed = compute_stats(fields.chunk({"time": 5}), ["t2m", "tp"])
+    for name in ("t2m", "tp"):
+        for key in ("mean", "std"):
+            np.testing.assert_allclose(streamed[name][key], in_memory[name][key], rtol=1e-6)
+    t2m = fields["t2m"].values.astype("float64")
+    np.testing.assert_allclose(in_memory["t2m"]["mean"], np.nanmean(t2m), rtol=1e-8)
+    np.testing.assert_allclose(in_memory["t2m"]["std"], np.nanstd(t2m), rtol=1e-6)
+    tp = fields["tp"].values.astype("float64")
+    logged = np.log1p(np.where(tp <= 0.25, 0.0, tp))  # NaN stays NaN, not "dry"
+    np.testing.assert_allclose(in_memory["tp"]["mean"], np.nanmean(logged), rtol=1e-6)
+    assert np.isnan(normalise(np.array([np.nan]), in_memory["tp"]))[0]
+    with pytest.raises(ValueError, match="'t2m' has no valid value"):
+        compute_stats(fields.isel(lat=slice(0, 8), lon=slice(0, 8)), ["t2m"])
+
+
+def test_pairs_keep_missing_data_missing_by_the_threshold():
+    fields, static = random_fields(n_time=3, n_lat=16, n_lon=24)
+    fields["t2m"].values[:, 0, :3] = np.nan  # 3 of the 16 cells of coarse cell (0, 0) missing
+    fields["t2m"].values[:, 4:8, 4:8] = np.nan  # coarse cell (1, 1) fully missing
+    fields["t2m"].values[:, 8:12, 8:10] = np.nan  # coarse cell (2, 2): half its area missing
+    _, coarse = make_pairs(fields, static, factor=4, nan_threshold=0.6)
+    t2m = coarse["t2m"].values
+    assert np.isfinite(t2m[:, 0, 0]).all() and np.isnan(t2m[:, 1, 1]).all()
+    assert np.isnan(t2m[:, 2, 2]).all()  # about 0.5 valid < 0.6
+    assert np.isfinite(np.delete(t2m.reshape(3, -1), [7, 14], axis=1)).all()
+    np.testing.assert_allclose(t2m[0, 0, 0], np.nanmean(fields["t2m"].values[0, :4, :4]),
+                               rtol=1e-3)  # nearly equal areas within one 1 deg row
+    _, lenient = make_pairs(fields, static, factor=4, nan_threshold=0.4)
+    assert np.isfinite(lenient["t2m"].values[:, 2, 2]).all()
+
+
+def test_tile_store_keeps_missing_targets_nan_with_a_mask(tmp_path):
+    fields, static = random_fields(n_time=4, n_lat=32, n_lon=48)
+    fields = with_missing(fields)
+    fine, coarse = make_pairs(fields, static, factor=4)
+    stats = compute_stats(fine, ["t2m", "tp", "orog", "lsm", "latitude"])
+    cfg = {"div_lat": 2, "div_lon": 3, "halo": 1, "pad_mode": "symmetric"}
+    path = tmp_path / "train.zarr"
+    write_tiles(fine, coarse, ["t2m", "tp"], ["orog", "lsm", "latitude"], stats, cfg, str(path))
+    data = TileDataset(str(path), max_in_memory=0, return_mask=True)
+    x, _, y, mask = data[0]  # time 0, tile 0 (south-west corner: the missing block)
+    assert mask.dtype == torch.bool and mask.shape == y.shape
+    np.testing.assert_array_equal(mask.numpy(), np.isfinite(y.numpy()))
+    assert not bool(mask[:, 4:12, 4:12].any())  # fine cells [0, 8) behind a 4-pixel halo
+    assert bool(mask[:, 12:, 12:].all())
+    assert torch.isfinite(x).all()  # missing coarse inputs are filled with 0 (the mean)
+    assert (x[:, 1:3, 1:3] == 0).all()  # coarse cells (0..1, 0..1) behind a 1-pixel halo
+    n_missing = 2 * (4 * 8 * 8 + 1)  # both variables: the block at every time + 1 gap
+    ys = np.stack([data[t * 6 + n][2].numpy() for t in range(4) for n in range(6)])
+    masks = np.stack([data[t * 6 + n][3].numpy() for t in range(4) for n in range(6)])
+    assert np.isnan(ys).sum() == (~masks).sum()
+    cores = [stitch(ys.reshape(4, 6, 2, 24, 24)[t].swapaxes(0, 1), 2, 3, halo=4)
+             for t in range(4)]
+    assert int(np.isnan(np.stack(cores)).sum()) == n_missing
+    assert data.attrs["filled_inputs"] > 0 and data.attrs["missing_targets"] >= n_missing
+    x3, s3, y3 = TileDataset(str(path))[0]  # default: the (x, static, y) triple as before
+    np.testing.assert_array_equal(x3.numpy(), x.numpy())
+
+
+def test_tile_windows_are_memory_bounded_and_give_the_same_store(tmp_path):
+    fields, static = random_fields(n_time=6, n_lat=32, n_lon=48)
+    fine, coarse = make_pairs(fields, static, factor=4)
+    stats = compute_stats(fine, ["t2m", "tp", "orog", "lsm", "latitude"])
+    cfg = {"div_lat": 2, "div_lon": 3, "halo": 1, "pad_mode": "edge"}
+    args = (["t2m", "tp"], ["orog", "lsm", "latitude"], stats, cfg)
+    write_tiles(fine, coarse, *args, str(tmp_path / "big.zarr"))
+    write_tiles(fine, coarse, *args, str(tmp_path / "small.zarr"), memory_mb=0.01)
+    big, small = (zarr.open_group(str(tmp_path / n), mode="r") for n in ("big.zarr", "small.zarr"))
+    assert big["y"].shards[0] == 6 and small["y"].shards[0] == 1  # one step per window
+    assert window_steps(10 * 2**20, memory_mb=120, time_chunk=64) == 2
+    for name in ("x", "y"):
+        np.testing.assert_array_equal(big[name][...], small[name][...])
+    # no missing data: the mask holds only its fill value, so none of its chunks is on disk
+    assert not any((tmp_path / "big.zarr" / "mask").glob("c/**/*.*")) and not any(
+        p.is_file() for p in (tmp_path / "big.zarr" / "mask").rglob("*") if p.name != "zarr.json")
+
+
+def test_write_pairs_streams_all_outputs(tmp_path):
+    fields, static = random_fields(n_time=6, n_lat=16, n_lon=24)
+    regrid_cfg = {"factor": 4, "backend": "auto", "nan_threshold": 0.5,
+                  "scheduler": "synchronous"}
+    paths = [str(tmp_path / n) for n in ("fine.nc", "coarse.nc", "stats.json")]
+    names = ["t2m", "tp", "orog", "lsm", "latitude"]
+    stats = write_pairs(fields.chunk({"time": 2}), static, regrid_cfg, SPLIT, names, *paths)
+    fine, coarse = make_pairs(fields, static, factor=4)
+    expected = compute_stats(split_by_time(fine, SPLIT)["train"], names)
+    for name in names:
+        assert stats[name]["transform"] == expected[name]["transform"]
+        for key in ("mean", "std"):
+            assert stats[name][key] == pytest.approx(expected[name][key], rel=1e-7)
+    with xr.open_dataset(paths[1]) as on_disk:
+        xr.testing.assert_allclose(on_disk.load(), coarse)
+    with pytest.raises(ValueError, match="regrid.scheduler must be one of"):
+        write_pairs(fields, static, {**regrid_cfg, "scheduler": "mpi"}, SPLIT, names, *paths)
+
+
+def test_scheduler_selection():
+    assert check_scheduler("threads") == "local"
+    assert check_scheduler("tcp://10.0.0.1:8786") == "distributed"
+    with dask_scheduler("synchronous", progress=False):
+        assert dask.config.get("scheduler") == "synchronous"
+    if importlib.util.find_spec("distributed") is None:
+        with pytest.raises(ImportError, match="needs dask.distributed: pip install"):
+            with dask_scheduler("tcp://127.0.0.1:1"):
+                pass

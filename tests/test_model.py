@@ -438,3 +438,19 @@ def test_bad_input_errors():
         build_model("huge", ["t2m"], ["t2m"])
     with pytest.raises(ValueError, match="unknown model override"):
         build_model("tiny", ["t2m"], ["t2m"], embed=3)
+
+
+def test_masked_loss_ignores_missing_targets():
+    from downscaler.model.loss import mse_loss, tv_regularised_loss
+
+    pred = torch.tensor([[[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]]])
+    target = torch.tensor([[[[0.0, float("nan"), 3.0], [1.0, float("nan"), 6.0]]]])
+    mask = ~torch.isnan(target)
+    # valid errors: 1, 0, 9, 0 -> mean 2.5; the NaN pixels take no part
+    assert mse_loss(pred, target, mask=mask).item() == pytest.approx(2.5)
+    full = tv_regularised_loss(pred, target, tv_weight=0.1, mask=mask)
+    assert torch.isfinite(full)
+    assert full.item() == pytest.approx(2.5 + 0.1 * total_variation(pred).item())
+    pred.requires_grad_(True)
+    mse_loss(pred, target, mask=mask).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad[0, 0, 0, 1] == 0

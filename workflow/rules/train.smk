@@ -1,4 +1,8 @@
-# Stage 4: train Reslim on the train tiles, validating on the val tiles every epoch.
+# Stage 4: train Reslim on the train tiles, validating on the val tiles (downscaler.train).
+# Locally the rule spawns parallel.processes ranks itself; under the frontier profile the
+# `mpi` resource is the srun line (one task per GPU) and every task is one rank. A run stopped
+# by SIGTERM/SIGUSR1 saves results/model/train_state/ and exits 75; running the rule again
+# (Snakemake `retries`, or a resubmission) resumes from it.
 
 
 rule train:
@@ -14,6 +18,9 @@ rule train:
         "results/benchmarks/train.tsv"
     conda:
         "../../envs/cpu.yaml"
+    threads: config["parallel"]["processes"]
+    resources:
+        mpi="",
     params:
         cfg=stage_config(
             "seed",
@@ -24,7 +31,9 @@ rule train:
             "tiles",
             "model",
             "train",
+            "parallel",
         ),
     shell:
-        "python -m downscaler.cli train --config {params.cfg:q} --train {input.train} --val {input.val}"
+        "{resources.mpi} python -m downscaler.cli train --config {params.cfg:q}"
+        " --train {input.train} --val {input.val}"
         " --checkpoint {output.checkpoint} --log {output.log} > {log} 2>&1"

@@ -61,9 +61,18 @@ def _var_average(per_var: Tensor, var_weights: Tensor | None) -> Tensor:
     return (w * per_var).sum() / w.sum()
 
 
-def _per_variable_mse(pred: Tensor, target: Tensor, lat_weights: Tensor | None) -> Tensor:
-    """Mean squared error per variable ``[C]``, rows weighted by ``lat_weights`` if given."""
-    err = (pred - target).square()
+def _per_variable_mse(pred: Tensor, target: Tensor, lat_weights: Tensor | None,
+                      mask: Tensor | None = None) -> Tensor:
+    """Mean squared error per variable ``[C]``, rows weighted by ``lat_weights`` if given.
+
+    ``mask`` (bool, shaped like ``target``, True = valid) leaves out missing targets (NaN over
+    the sea in land-only data): the mean runs over the valid pixels only.
+    """
+    if mask is not None:
+        err = torch.where(mask, pred - torch.nan_to_num(target), 0.0).square()
+        weight = mask.to(err.dtype)
+    else:
+        err, weight = (pred - target).square(), torch.ones_like(pred)
     if lat_weights is not None:
         lw = torch.as_tensor(lat_weights, dtype=err.dtype, device=err.device)
         if lw.shape != (pred.shape[-2],):
@@ -71,9 +80,13 @@ def _per_variable_mse(pred: Tensor, target: Tensor, lat_weights: Tensor | None) 
                 f"lat_weights has shape {tuple(lw.shape)} but pred has {pred.shape[-2]} rows; "
                 "give one weight per latitude row (see latitude_weights)"
             )
-        err = err * lw[:, None]
+        err, weight = err * lw[:, None], weight * lw[:, None]
     c = pred.shape[-3]
-    return err.movedim(-3, 0).reshape(c, -1).mean(dim=1)
+
+    def per_var(t: Tensor) -> Tensor:
+        return t.movedim(-3, 0).reshape(c, -1).sum(dim=1)
+
+    return per_var(err) / per_var(weight).clamp_min(torch.finfo(err.dtype).tiny)
 
 
 def mse_loss(
@@ -81,6 +94,7 @@ def mse_loss(
     target: Tensor,
     var_weights: Tensor | None = None,
     lat_weights: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Weighted mean squared error: per-variable (latitude-weighted) MSE, averaged over variables.
 
@@ -88,7 +102,7 @@ def mse_loss(
     weights (mean 1, e.g. from ``latitude_weights``).
     """
     _check_pair(pred, target)
-    return _var_average(_per_variable_mse(pred, target, lat_weights), var_weights)
+    return _var_average(_per_variable_mse(pred, target, lat_weights, mask), var_weights)
 
 
 def total_variation(pred: Tensor) -> Tensor:
@@ -122,6 +136,7 @@ def tv_regularised_loss(
     var_weights: Tensor | None = None,
     tv_weight: float = 0.02,
     lat_weights: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """ORBIT-2's "Bayesian" loss: MSE likelihood + ``tv_weight`` x total-variation prior on pred.
 
@@ -132,5 +147,5 @@ def tv_regularised_loss(
     _check_pair(pred, target)
     if not tv_weight >= 0:
         raise ValueError(f"tv_weight must be >= 0, got {tv_weight!r}")
-    per_var = _per_variable_mse(pred, target, lat_weights) + tv_weight * total_variation(pred)
+    per_var = _per_variable_mse(pred, target, lat_weights, mask) + tv_weight * total_variation(pred)
     return _var_average(per_var, var_weights)

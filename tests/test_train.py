@@ -1,0 +1,256 @@
+"""The training engine: distributed runs, resume after SIGTERM, NaN stop, fine-tuning, and
+checkpoint round trips for each parallel layout."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from downscaler import checkpoint as ckpt
+from downscaler.config import validate_config
+from downscaler.launcher import EXIT_REQUEUE
+from downscaler.model.presets import build_model
+from downscaler.pairs import compute_stats, make_pairs
+from downscaler.tiles_store import write_tiles
+from downscaler.train import LOG_FIELDS, ResumableSampler, TrainingDiverged, train
+
+from tests.conftest import REPO, random_fields
+
+SMALL_MODEL = {"preset": "tiny", "embed_dim": 32, "depth": 1, "num_heads": 2,
+               "residual_channels": 4}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> tuple[str, str]:
+    """Tiny train (24 days x 2 tiles) and val (6 days x 2 tiles) stores."""
+    root = tmp_path_factory.mktemp("tiles")
+    fields, static = random_fields(n_time=30, n_lat=16, n_lon=32, seed=5)
+    fine, coarse = make_pairs(fields, static, factor=4)
+    stats = compute_stats(fine.isel(time=slice(0, 24)), ["t2m", "tp", "orog", "lsm",
+                                                         "latitude"])
+    cfg = {"div_lat": 1, "div_lon": 2, "halo": 1, "pad_mode": "symmetric"}
+    paths = []
+    for split, sl in (("train", slice(0, 24)), ("val", slice(24, 30))):
+        path = root / f"{split}.zarr"
+        write_tiles(fine.isel(time=sl), coarse.isel(time=sl), ["t2m", "tp"],
+                    ["orog", "lsm", "latitude"], stats, cfg, str(path))
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def make_config(tmp: Path, processes: int = 1, **train_opts) -> dict:
+    opts = {"epochs": 4, "batch_size": 8, "workers": 0, "val_every_steps": 3,
+            "log_dir": str(tmp / "logs" / "train"), **train_opts}
+    return validate_config({"seed": 7, "model": SMALL_MODEL, "train": opts,
+                            "parallel": {"processes": processes, "device": "cpu"}})
+
+
+def run_cli(config: dict, stores, out: Path, **popen) -> subprocess.Popen:
+    """`python -m downscaler.cli train` as the rule runs it."""
+    cmd = [sys.executable, "-m", "downscaler.cli", "train", "--config", json.dumps(config),
+           "--train", stores[0], "--val", stores[1], "--checkpoint",
+           str(out / "model" / "checkpoint.pt"), "--log", str(out / "model" / "log.csv")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        env.pop(key, None)
+    return subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The model weights of the finished run's last resumable state (torch.distributed.checkpoint
+    format), as a plain state dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = out / "final.pt"
+    dcp_to_torch_save(out / "model" / "train_state" / "last" / "dcp", target)
+    return torch.load(target, weights_only=False)["model"]
+
+
+def test_sampler_gives_same_global_batches_for_any_dp_and_resumes_mid_epoch():
+    one = list(ResumableSampler(40, 8, 0, 1, seed=3))
+    halves = [list(ResumableSampler(40, 8, r, 2, seed=3)) for r in range(2)]
+    for k in range(5):  # global batch k = rank 0's 4 samples then rank 1's
+        assert one[8 * k:8 * k + 8] == halves[0][4 * k:4 * k + 4] + halves[1][4 * k:4 * k + 4]
+    sampler = ResumableSampler(40, 8, 0, 1, seed=3)
+    sampler.set_position(epoch=1, batch=2)
+    later = list(sampler)
+    sampler.set_position(epoch=1)
+    assert later == list(sampler)[16:] and len(later) == 24
+    assert sorted(list(sampler)) == list(range(40))  # a permutation, a new one per epoch
+    assert list(sampler) != one
+    with pytest.raises(ValueError, match="train.batch_size=8 must be divisible"):
+        ResumableSampler(40, 8, 0, 3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(stores, tmp_path_factory):
+    """One uninterrupted 2-process (gloo) run through the CLI; the reference for resume."""
+    out = tmp_path_factory.mktemp("full")
+    config = make_config(out, processes=2)
+    proc = run_cli(config, stores, out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    return out, config, json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_two_local_processes_end_to_end(two_process_run):
+    out, _, summary = two_process_run
+    assert summary["world_size"] == 2 and summary["steps"] == 4 * (48 // 8)
+    model, payload = ckpt.load_checkpoint(out / "model" / "checkpoint.pt")
+    assert payload["variables"] == ["t2m", "tp"] and payload["step"] == summary["best_step"]
+    assert payload["val_loss"] == pytest.approx(summary["best_val_loss"])
+    with open(out / "model" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == LOG_FIELDS  # step,epoch,train_loss,val_loss,lr first
+    val = [r for r in rows if r["val_loss"]]
+    assert [int(r["step"]) for r in val] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert min(float(r["val_loss"]) for r in val) == pytest.approx(summary["best_val_loss"])
+    train_rows = [r for r in rows if r["train_loss"]]
+    assert all(float(r["samples_per_s"]) > 0 and float(r["memory_mb"]) > 0 for r in train_rows)
+    for rank in (0, 1):
+        assert "val loss" in (out / "logs" / "train" / f"rank{rank}.log").read_text()
+
+
+def test_sigterm_then_resume_matches_uninterrupted_run(stores, two_process_run, tmp_path):
+    reference, config, summary = two_process_run
+    proc = run_cli(config, stores, tmp_path)
+    state = tmp_path / "model" / "train_state" / "last" / "meta.pt"
+    deadline = time.monotonic() + 240
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # Slurm's signal before the time limit
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, stderr[-3000:]
+    assert "resumable state saved" in stderr
+    stopped_at = torch.load(state, weights_only=False)["step"]
+    assert 0 < stopped_at < summary["steps"]
+    assert not (tmp_path / "model" / "checkpoint.pt").exists()  # the rule's output is not done
+
+    proc = run_cli(config, stores, tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    resumed = json.loads(stdout.strip().splitlines()[-1])
+    assert resumed["resumed_from"] == stopped_at and resumed["steps"] == summary["steps"]
+    expected, got = final_weights(reference), final_weights(tmp_path)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert resumed["best_val_loss"] == pytest.approx(summary["best_val_loss"], abs=1e-6)
+    with open(tmp_path / "model" / "log.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["val_loss"]]
+    assert steps == [3, 6, 9, 12, 15, 18, 21, 24]  # one row per validation, none repeated
+
+
+def test_nan_loss_stops_clearly_and_keeps_last_good_state(stores, tmp_path):
+    config = make_config(tmp_path, lr=1e30, grad_clip=0.0, val_every_steps=1, epochs=2)
+    with pytest.raises(TrainingDiverged, match="loss became .* at step") as err:
+        train(config, *stores, str(tmp_path / "model" / "checkpoint.pt"),
+              str(tmp_path / "model" / "log.csv"))
+    assert "last good resumable state" in str(err.value)
+    meta = torch.load(tmp_path / "model" / "train_state" / "last" / "meta.pt",
+                      weights_only=False)
+    assert 1 <= meta["step"] < 12 and not meta["finished"]
+    assert not (tmp_path / "model" / "checkpoint.pt").exists()
+
+
+def test_init_from_matches_variables_by_name_and_drops_mismatched_heads(tmp_path):
+    torch.manual_seed(0)
+    old = build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], ["orog"], embed_dim=32,
+                      num_heads=2)
+    ckpt.save_checkpoint(tmp_path / "old.pt", old)
+    new = build_model("tiny", ["u10", "t2m"], ["t2m"], ["orog", "lsm"], embed_dim=32,
+                      num_heads=2)
+    fresh = {k: v.clone() for k, v in new.state_dict().items()}
+    report = ckpt.load_matching_weights(new, tmp_path / "old.pt")
+    state, old_state = new.state_dict(), old.state_dict()
+    # t2m was input 0, is now input 1; u10 is new and keeps its initialisation
+    assert torch.equal(state["tokenizer.inputs.embeds.1.weight"],
+                       old_state["tokenizer.inputs.embeds.0.weight"])
+    assert torch.equal(state["tokenizer.inputs.channel_embed"][1],
+                       old_state["tokenizer.inputs.channel_embed"][0])
+    assert torch.equal(state["tokenizer.inputs.embeds.0.weight"],
+                       fresh["tokenizer.inputs.embeds.0.weight"])
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], old_state["blocks.0.attn.qkv.weight"])
+    assert "head_conv.weight" in report["skipped"]  # 2 outputs before, 1 now
+    assert torch.equal(state["head_conv.weight"], fresh["head_conv.weight"])
+    assert "tokenizer.statics.embeds.1.weight" in report["new"]
+    with pytest.raises(RuntimeError, match="train.init_from"):
+        ckpt.load_matching_weights(new, tmp_path / "missing.pt")
+
+
+def _round_trip(rank, world, layout_sizes, state_dir):
+    """Train one step under a layout, save, reload into a fresh copy: same weights and optimizer
+    state, and a consolidated checkpoint that load_checkpoint turns into the same function."""
+    from downscaler.parallel import Layout, build_mesh, parallelize
+
+    def build():
+        torch.manual_seed(0)
+        base = build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], ["orog"], embed_dim=32,
+                           num_heads=2, depth=1)
+        layout = Layout.from_config(layout_sizes)
+        model = parallelize(base, layout, build_mesh(layout, "cpu"))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    torch.manual_seed(1)
+    x, static, y = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 32, 32), torch.randn(2, 2, 32, 32)
+    model, opt = build()
+    ((model(x, static, 100.0) - y) ** 2).mean().backward()
+    opt.step()
+    ckpt.save_train_state(state_dir, model, opt, {"step": 1}, {"rng": torch.get_rng_state()})
+    full = ckpt.full_model_state(model)
+    model2, opt2 = build()
+    meta, rank_state = ckpt.load_train_state(ckpt.find_train_state(state_dir), model2, opt2)
+    assert meta == {"step": 1} and rank_state is not None
+    full2 = ckpt.full_model_state(model2)
+    if rank == 0:
+        assert full.keys() == full2.keys()
+        for k in full:
+            assert torch.equal(full[k], full2[k]), k
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    s1, s2 = get_optimizer_state_dict(model, opt), get_optimizer_state_dict(model2, opt2)
+    for key in s1["state"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            a, b = s1["state"][key][name], s2["state"][key][name]
+            a, b = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (a, b))
+            assert torch.equal(a, b), (key, name)
+    if rank == 0:
+        path = Path(state_dir) / "consolidated.pt"
+        ckpt.write_checkpoint(path, build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], ["orog"],
+                                                embed_dim=32, num_heads=2, depth=1).cfg.__dict__,
+                              full)
+        plain, _ = ckpt.load_checkpoint(path)
+        with torch.no_grad():  # a list: tensors do not travel through the result queue
+            return plain(x, static, 100.0).tolist()
+    return None
+
+
+@pytest.mark.parametrize("layout", [{"dp_replicate": 2}, {"dp_shard": 2}, {"tp": 2}],
+                         ids=["ddp", "fsdp", "tp"])
+def test_checkpoint_round_trip_per_layout(layout, tmp_path):
+    parallel = pytest.importorskip("downscaler.parallel")
+    out = parallel.spawn(_round_trip, 2, layout, str(tmp_path / "state"), timeout=240)
+    assert out[0] is not None and torch.isfinite(torch.tensor(out[0])).all()
+
+
+def test_deepspeed_engine_or_clear_error(stores, tmp_path):
+    config = make_config(tmp_path, epochs=1)
+    config["parallel"]["engine"] = "deepspeed"
+    try:
+        import downscaler.parallel.deepspeed_engine  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="parallel.engine is 'deepspeed'"):
+            train(config, *stores, str(tmp_path / "ckpt.pt"), str(tmp_path / "log.csv"))
+        return
+    pytest.importorskip("deepspeed")
+    summary = train(config, *stores, str(tmp_path / "ckpt.pt"), str(tmp_path / "log.csv"))
+    assert summary["steps"] == 6
+    model, _ = ckpt.load_checkpoint(tmp_path / "ckpt.pt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

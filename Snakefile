@@ -9,7 +9,11 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
+include: "workflow/rules/outputs.smk"
 include: "workflow/rules/source.smk"
 include: "workflow/rules/pairs.smk"
 include: "workflow/rules/tiles.smk"
@@ -24,14 +28,15 @@ localrules:
     all,
     source,
     prepare_input,
+    scaling_figure,
 
 
 rule all:
     default_target: True
     input:
         "results/model/checkpoint.pt",
-        "results/downscaled/test.nc",
+        downscaled("test"),
         "results/evaluation/metrics.csv",
         "results/evaluation/table.md",
         FIGURES,
-        expand("results/downscaled/{name}.nc", name=config["inference_inputs"]),
+        [downscaled(name) for name in config["inference_inputs"]],

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 from downscaler.evaluation import figures as F
@@ -70,3 +71,22 @@ def test_plot_spectra_pdfs_scatter_bias(tmp_path, fields):
     _check(F.plot_pdfs(methods, truth, tmp_path / "pdfs"), tmp_path / "pdfs")
     _check(F.plot_scatter(pred, truth, tmp_path / "scatter"), tmp_path / "scatter")
     _check(F.plot_bias_maps(methods, truth, tmp_path / "sub" / "bias"), tmp_path / "sub" / "bias")
+
+
+def test_scaling_figure_with_domain_sizes_only_and_with_unusable_records(tmp_path):
+    from downscaler.evaluation.benchmarks import COLUMNS
+
+    rows = [{"file": "b", "series": "b: reslim", "processes": None, "domain": d,
+             "throughput": 100.0 / d, "throughput_unit": "samples/s", "efficiency": None}
+            for d in (64, 256, 1024)]
+    _check(F.plot_scaling(pd.DataFrame(rows, columns=COLUMNS), tmp_path / "dom.png"),
+           tmp_path / "dom")
+    unusable = pd.DataFrame([{**rows[0], "throughput": None}], columns=COLUMNS)
+    _check(F.plot_scaling(unusable, tmp_path / "none.png", ["x.json: unreadable"], "here"),
+           tmp_path / "none")
+
+
+def test_maps_without_coastline_data(tmp_path, fields, monkeypatch):
+    monkeypatch.setattr(F, "coastline_file", lambda: None)
+    coarse, pred, truth = fields[:3]
+    _check(F.plot_maps(coarse, pred, truth, tmp_path / "m.png"), tmp_path / "m")

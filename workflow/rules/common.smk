@@ -12,10 +12,17 @@ except ConfigError as err:
     sys.exit(f"Invalid configuration: {err}")
 
 VARIABLES = short_names(config["variables"])
-FIGURES = ["results/evaluation/figures/training_curves.png"] + [
+# PNGs (each with a PDF twin): per-variable ones from rule evaluate, the TILES seam check and
+# the scaling plot from their own rules (workflow/rules/evaluate.smk).
+FIGURE_KINDS = ("maps", "spectra", "pdfs", "scatter", "bias")
+FIGURES = [
+    "results/evaluation/figures/training_curves.png",
+    "results/evaluation/figures/tiles_seams.png",
+    "results/evaluation/figures/scaling.png",
+] + [
     f"results/evaluation/figures/{kind}_{name}.png"
     for name in VARIABLES
-    for kind in ("maps", "spectra", "pdfs", "bias")
+    for kind in FIGURE_KINDS
 ]
 
 

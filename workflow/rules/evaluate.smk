@@ -1,16 +1,35 @@
-# Stage 6: scores of the model and interpolation baselines on the test period; figures.
-
-
+# Stage 6: scores of the model and the baselines on the test period, figures (PNG + PDF), the
+# TILES seam check and the scaling plot; every figure and table goes into
+# `snakemake --report results/report.html` with a caption from workflow/report/.
 rule evaluate:
     input:
-        downscaled="results/downscaled/test.nc",
+        unpack(optional_baselines),
+        downscaled=downscaled("test"),
         fine="results/pairs/fine.nc",
         coarse="results/pairs/coarse.nc",
         loss_log="results/model/training_log.csv",
     output:
-        metrics="results/evaluation/metrics.csv",
-        table="results/evaluation/table.md",
-        figures=FIGURES,
+        metrics=report(
+            "results/evaluation/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Scores",
+            labels={"table": "metrics (tidy)"},
+        ),
+        table=report(
+            "results/evaluation/table.md",
+            caption="../report/table.rst",
+            category="Scores",
+            labels={"table": "paper-style table"},
+        ),
+        training=report(
+            f"{FIGURE_DIR}/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Figures",
+            subcategory="training",
+            labels={"figure": "training curves", "variable": "all"},
+        ),
+        figures=[figure_report(f) for f in SCORE_FIGURES],
+        pdfs=[pdf(f) for f in [f"{FIGURE_DIR}/training_curves.png", *SCORE_FIGURES]],
     log:
         "logs/evaluate.log",
     benchmark:
@@ -19,9 +38,73 @@ rule evaluate:
         "../../envs/cpu.yaml"
     params:
         cfg=stage_config("split", "evaluate"),
-        figures_dir=lambda wildcards, output: os.path.dirname(output.figures[0]),
+        upsample_vit=lambda wildcards, input: input.get("upsample_vit", "none"),
+        figures_dir=lambda wildcards, output: os.path.dirname(output.training),
     shell:
         "python -m downscaler.cli evaluate --config {params.cfg:q} --downscaled {input.downscaled}"
-        " --fine {input.fine} --coarse {input.coarse} --loss-log {input.loss_log}"
-        " --metrics {output.metrics} --table {output.table} --figures {params.figures_dir}"
+        " --upsample-vit {params.upsample_vit} --fine {input.fine} --coarse {input.coarse}"
+        " --loss-log {input.loss_log} --metrics {output.metrics} --table {output.table}"
+        " --figures {params.figures_dir} > {log} 2>&1"
+
+
+rule tiles_seam_check:
+    input:
+        checkpoint="results/model/checkpoint.pt",
+        coarse="results/pairs/coarse.nc",
+        fine="results/pairs/fine.nc",
+    output:
+        csv=report(
+            "results/evaluation/tiles_seams.csv",
+            caption="../report/tiles_seams.rst",
+            category="TILES",
+            labels={"table": "seam check"},
+        ),
+        figure=report(
+            f"{FIGURE_DIR}/tiles_seams.png",
+            caption="../report/tiles_seams.rst",
+            category="TILES",
+            labels={"figure": "seam check"},
+        ),
+        pdf=pdf(f"{FIGURE_DIR}/tiles_seams.png"),
+    log:
+        "logs/tiles_seam_check.log",
+    benchmark:
+        "results/benchmarks/tiles_seam_check.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    params:
+        cfg=stage_config("split", "infer", "evaluate"),
+    shell:
+        "python -m downscaler.cli seams --config {params.cfg:q} --checkpoint {input.checkpoint}"
+        " --coarse {input.coarse} --fine {input.fine} --csv {output.csv}"
+        " --figure {output.figure} > {log} 2>&1"
+
+
+rule scaling_figure:
+    input:
+        benchmark_results,
+    output:
+        csv=report(
+            "results/evaluation/scaling.csv",
+            caption="../report/scaling.rst",
+            category="Scaling",
+            labels={"table": "benchmark records"},
+        ),
+        figure=report(
+            f"{FIGURE_DIR}/scaling.png",
+            caption="../report/scaling.rst",
+            category="Scaling",
+            labels={"figure": "scaling"},
+        ),
+        pdf=pdf(f"{FIGURE_DIR}/scaling.png"),
+    log:
+        "logs/scaling_figure.log",
+    conda:
+        "../../envs/cpu.yaml"
+    params:
+        cfg=stage_config("evaluate"),
+        results_dir=config["evaluate"]["benchmarks"],
+    shell:
+        "python -m downscaler.cli scaling --config {params.cfg:q}"
+        " --results-dir {params.results_dir:q} --csv {output.csv} --figure {output.figure}"
         " > {log} 2>&1"

@@ -15,7 +15,7 @@ import sys
 
 import xarray as xr
 
-from downscaler.io import read_json, write_json, write_netcdf
+from downscaler.io import read_json, write_netcdf
 from downscaler.variables import short_names
 
 
@@ -39,17 +39,14 @@ def prepare_input(args, config: dict) -> None:
 
 
 def pairs(args, config: dict) -> None:
-    from downscaler.pairs import compute_stats, make_pairs, split_by_time
+    from downscaler.pairs import write_pairs
 
+    # dask chunks along time only: each chunk is regridded and written on its own
     chunk = {"time": config["regrid"]["time_chunk"]}
     with xr.open_dataset(args.fields, chunks=chunk) as fields, xr.open_dataset(args.static) as st:
-        fine, coarse = make_pairs(fields, st, config["regrid"]["factor"],
-                                  config["regrid"]["backend"])
-        train = split_by_time(fine, config["split"])["train"]
         names = short_names(config["variables"]) + short_names(config["statics"])
-        write_json(compute_stats(train, names), args.stats)
-        write_netcdf(fine, args.fine)
-        write_netcdf(coarse, args.coarse)
+        write_pairs(fields, st, config["regrid"], config["split"], names, args.fine,
+                    args.coarse, args.stats)
 
 
 def tiles(args, config: dict) -> None:
@@ -65,38 +62,90 @@ def tiles(args, config: dict) -> None:
 
 
 def train(args, config: dict) -> None:
+    """Train on this process's share of the run (srun task, or spawns parallel.processes).
+
+    A SIGTERM/SIGUSR1 stop saves a resumable state and exits with status 75 (EX_TEMPFAIL), so
+    Slurm (RequeueExit=75) or Snakemake (retries) can start it again and it resumes.
+    """
+    from downscaler.launcher import TrainingInterrupted
     from downscaler.train import train as run_training
 
-    summary = run_training(config, args.train, args.val, args.checkpoint, args.log)
-    print(json.dumps(summary))
+    try:
+        summary = run_training(config, args.train, args.val, args.checkpoint, args.log)
+    except TrainingInterrupted as stop:
+        print(f"downscaler train: {stop}", file=sys.stderr)
+        raise
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":  # under srun every task runs this; one summary is enough
+        print(json.dumps(summary))
 
 
 def infer(args, config: dict) -> None:
-    from downscaler.checkpoint import file_sha256, load_checkpoint
-    from downscaler.infer import downscale, write_downscaled
-    from downscaler.pairs import split_by_time
+    from downscaler.infer import run_inference
 
-    model, payload = load_checkpoint(args.checkpoint)
-    with xr.open_dataset(args.coarse) as coarse, xr.open_dataset(args.fine) as fine:
-        test = split_by_time(coarse, {"test": config["split"]["test"]})["test"]
-        out = downscale(model, payload, test, fine[payload["statics"]],
-                        batch_size=config["infer"]["batch_size"], blend=config["infer"]["blend"])
-    write_downscaled(out, args.out, payload, file_sha256(args.checkpoint))
+    if args.split not in ("all", *config["split"]):
+        raise ValueError(f"--split must be 'all' or one of {sorted(config['split'])}, "
+                         f"got {args.split!r}")
+    period = None if args.split == "all" else config["split"][args.split]
+    opts = config["infer"]
+    sizes = run_inference(args.checkpoint, args.coarse, args.fine, args.out, period=period,
+                          batch_size=opts["batch_size"], blend=opts["blend"],
+                          time_chunk=opts["time_chunk"], fmt=opts["format"],
+                          processes=opts["processes"], architecture=args.architecture)
+    print(f"infer: wrote {sum(sizes)} time steps in {len(sizes)} chunks to {args.out}")
 
 
 def evaluate(args, config: dict) -> None:
-    from downscaler.evaluate import predictions, write_figures, write_scores
+    from downscaler.evaluate import (
+        UPSAMPLE_VIT,
+        predictions,
+        write_figures,
+        write_scores,
+    )
+    from downscaler.infer import open_downscaled
     from downscaler.pairs import split_by_time
 
     test_split = {"test": config["split"]["test"]}
-    with (xr.open_dataset(args.downscaled) as ds, xr.open_dataset(args.fine) as fine,
+    learned = {}
+    if args.upsample_vit != "none":
+        with open_downscaled(args.upsample_vit) as vit:
+            learned[UPSAMPLE_VIT] = vit.load()
+    with (open_downscaled(args.downscaled) as ds, xr.open_dataset(args.fine) as fine,
           xr.open_dataset(args.coarse) as coarse):
         truth = split_by_time(fine, test_split)["test"][list(ds.data_vars)].load()
         coarse_test = split_by_time(coarse, test_split)["test"].load()
-        preds = predictions(ds.load(), coarse_test, truth, config["evaluate"]["baselines"])
+        preds = predictions(ds.load(), coarse_test, truth, config["evaluate"]["baselines"],
+                            learned)
         write_scores(preds, truth, args.metrics, args.table)
         write_figures(preds, coarse_test, truth, args.loss_log, args.figures,
                       config["evaluate"]["map_time"])
+
+
+def seams(args, config: dict) -> None:
+    from downscaler.checkpoint import load_checkpoint
+    from downscaler.evaluate import write_seams
+    from downscaler.evaluation.seams import seam_errors, seam_settings
+    from downscaler.pairs import split_by_time
+
+    model, payload = load_checkpoint(args.checkpoint)
+    opts = config["evaluate"]["seams"]
+    test_split = {"test": config["split"]["test"]}
+    with xr.open_dataset(args.coarse) as coarse, xr.open_dataset(args.fine) as fine:
+        coarse_test = split_by_time(coarse, test_split)["test"]
+        if opts["max_steps"]:
+            coarse_test = coarse_test.isel(time=slice(0, opts["max_steps"]))
+        errors = seam_errors(model, payload, coarse_test, fine,
+                             seam_settings(payload, opts["whole_domain"]),
+                             batch_size=config["infer"]["batch_size"],
+                             time_chunk=config["infer"]["time_chunk"])
+    t = payload["tiling"]
+    write_seams(errors, args.csv, args.figure, halo_fine=t["halo"] * t["factor"])
+
+
+def scaling(args, config: dict) -> None:
+    from downscaler.evaluate import write_scaling
+
+    write_scaling(args.results_dir, args.csv, args.figure)
 
 
 STAGES = {
@@ -105,9 +154,11 @@ STAGES = {
     "pairs": (pairs, ["fields", "static", "fine", "coarse", "stats"]),
     "tiles": (tiles, ["fine", "coarse", "stats", "split", "out"]),
     "train": (train, ["train", "val", "checkpoint", "log"]),
-    "infer": (infer, ["checkpoint", "coarse", "fine", "out"]),
-    "evaluate": (evaluate, ["downscaled", "fine", "coarse", "loss_log", "metrics", "table",
-                            "figures"]),
+    "infer": (infer, ["checkpoint", "architecture", "coarse", "fine", "split", "out"]),
+    "evaluate": (evaluate, ["downscaled", "upsample_vit", "fine", "coarse", "loss_log",
+                            "metrics", "table", "figures"]),
+    "seams": (seams, ["checkpoint", "coarse", "fine", "csv", "figure"]),
+    "scaling": (scaling, ["results_dir", "csv", "figure"]),
 }
 
 

@@ -1,15 +1,25 @@
-"""Downscaling inference: coarse fields -> tiles with halos -> Reslim -> crop & stitch -> netCDF.
+"""Downscaling inference: coarse fields -> tiles with halos -> model -> crop & stitch -> file.
 
 The same tiling as training (from the checkpoint), so each tile sees exactly the context it was
-trained with; halos are cropped (or blended) and the cores pasted back. Works through the period
-in chunks of time steps, so memory stays bounded by one chunk plus the output.
+trained with; halos are cropped (or blended) and the cores pasted back, then de-normalised
+(precipitation clipped at 0). The period is processed in chunks of time steps and each chunk is
+appended to the output as soon as it is computed (netCDF with an unlimited time dimension, or
+zarr appended along time), so memory is bounded by one chunk whatever the length of the period.
+With `processes > 1` the time range is split into contiguous parts, each downscaled by its own
+local process into its own part file, and the parts are then streamed into the final file.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,14 +27,112 @@ import xarray as xr
 from tqdm import tqdm
 
 import downscaler
-from downscaler.io import write_netcdf
+from downscaler.io import atomic_path
 from downscaler.pairs import denormalise
 from downscaler.tiles_store import is_periodic, normalised_stack
-from downscaler.tiling import stitch, tile
+from downscaler.tiling import check_tiling, stitch, tile
 from downscaler.variables import BY_SHORT_NAME
+
+FORMATS = ("netcdf", "zarr")
+# Time is written as float64 hours since the first day of the output, so any step (hourly,
+# daily, 3-hourly) is exact and appended chunks share one encoding.
+_TIME_DTYPE = "float64"
+
+
+def check_grids(coarse: xr.Dataset, fine_static: xr.Dataset, factor: int) -> None:
+    """Raise a ValueError unless the fine statics are the exact `factor`-fold refinement of the
+    input's coarse grid (the model only works on the grid it was trained on)."""
+    for dim in ("lat", "lon"):
+        n_c, n_f = coarse.sizes.get(dim, 0), fine_static.sizes.get(dim, 0)
+        if n_f != factor * n_c:
+            raise ValueError(
+                f"the fine statics have {n_f} points in {dim}, not {factor} x the {n_c} of the "
+                f"coarse input: regrid the input onto the model's coarse grid "
+                f"(results/pairs/coarse.nc) first"
+            )
+        if n_c > 1:
+            centres = fine_static[dim].values.reshape(n_c, factor).mean(axis=1)
+            step = abs(float(np.diff(coarse[dim].values).mean()))
+            if not np.allclose(centres, coarse[dim].values, atol=1e-3 * step, rtol=0):
+                raise ValueError(
+                    f"the coarse input's {dim} coordinates are not the model's coarse grid "
+                    f"(they must be the block centres of the fine statics): regrid the input onto "
+                    f"results/pairs/coarse.nc's grid first"
+                )
+
+
+def _tiling(payload: dict, halo: int | None, div: tuple[int, int] | None) -> dict:
+    """The checkpoint's tiling, optionally with another halo or tile count (seam check)."""
+    t = dict(payload["tiling"])
+    if halo is not None:
+        t["halo"] = int(halo)
+    if div is not None:
+        t["div_lat"], t["div_lon"] = int(div[0]), int(div[1])
+    return t
 
 
 @torch.no_grad()
+def downscale_chunks(
+    model: torch.nn.Module,
+    payload: dict,
+    coarse: xr.Dataset,
+    fine_static: xr.Dataset,
+    batch_size: int = 64,
+    blend: bool = False,
+    time_chunk: int = 32,
+    *,
+    halo: int | None = None,
+    div: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Iterator[xr.Dataset]:
+    """Yield the fine fields (physical units) for `time_chunk` steps of `coarse` at a time.
+
+    Only one chunk of inputs, tiles and outputs is ever in memory. `halo` / `div` override the
+    checkpoint's tiling (used by the TILES seam check: halo 0, or one tile for the whole domain).
+    """
+    if time_chunk < 1:
+        raise ValueError(f"infer.time_chunk must be >= 1, got {time_chunk}")
+    variables, statics, stats = payload["variables"], payload["statics"], payload["stats"]
+    t = _tiling(payload, halo, div)
+    missing = [v for v in variables if v not in coarse]
+    missing += [s for s in statics if s not in fine_static]
+    if missing:
+        raise KeyError(f"the input lacks {missing}, which the checkpoint was trained with")
+    factor, halo_c = t["factor"], t["halo"]
+    check_grids(coarse, fine_static, factor)
+    patch = payload.get("model_config", {}).get("patch_size", 1)
+    check_tiling((coarse.sizes["lat"], coarse.sizes["lon"]), t["div_lat"], t["div_lon"], halo_c,
+                 patch)
+    periodic = is_periodic(coarse["lon"].values)
+    opts = {"periodic_lon": periodic, "pad_mode": t["pad_mode"]}
+    static_tiles = tile(normalised_stack(fine_static, statics, stats),
+                        t["div_lat"], t["div_lon"], factor * halo_c, **opts)
+    static_tiles = torch.from_numpy(np.swapaxes(static_tiles, 0, 1).copy())  # [N, S, ...]
+    n_tiles = static_tiles.shape[0]
+    coords = {"lat": fine_static["lat"], "lon": fine_static["lon"]}
+
+    model.eval()
+    starts = range(0, coarse.sizes["time"], time_chunk)
+    for t0 in tqdm(starts, desc="downscale", unit="chunk", disable=not progress):
+        part = coarse.isel(time=slice(t0, t0 + time_chunk))
+        x = tile(normalised_stack(part, variables, stats), t["div_lat"], t["div_lon"], halo_c,
+                 **opts)  # [t, V, N, h, w]
+        steps = x.shape[0]
+        x = torch.from_numpy(np.swapaxes(x, 1, 2).reshape(steps * n_tiles, *x.shape[1:2],
+                                                          *x.shape[3:]).copy())
+        static = static_tiles.repeat(steps, 1, 1, 1)
+        pred = torch.cat([model(x[i:i + batch_size], static[i:i + batch_size], payload["res_km"])
+                          for i in range(0, len(x), batch_size)])
+        pred = pred.reshape(steps, n_tiles, len(variables), *pred.shape[-2:]).numpy()
+        fields = stitch(np.swapaxes(pred, 1, 2), t["div_lat"], t["div_lon"], factor * halo_c,
+                        blend=blend, periodic_lon=periodic)
+        data = {name: (("time", "lat", "lon"),
+                       denormalise(fields[:, v].astype("float64"), stats[name]).astype("float32"),
+                       cf_attrs(name))
+                for v, name in enumerate(variables)}
+        yield xr.Dataset(data, coords={"time": part["time"], **coords})
+
+
 def downscale(
     model: torch.nn.Module,
     payload: dict,
@@ -33,72 +141,282 @@ def downscale(
     batch_size: int = 64,
     blend: bool = False,
     time_chunk: int = 32,
+    **kwargs,
 ) -> xr.Dataset:
-    """Predict the fine fields for every time step of `coarse` (physical units in and out)."""
-    variables, statics, stats = payload["variables"], payload["statics"], payload["stats"]
-    t = payload["tiling"]
-    missing = [v for v in variables if v not in coarse]
-    missing += [s for s in statics if s not in fine_static]
-    if missing:
-        raise KeyError(f"the input lacks {missing}, which the checkpoint was trained with")
-    factor, halo = t["factor"], t["halo"]
-    if fine_static.sizes["lat"] != factor * coarse.sizes["lat"]:
-        raise ValueError(f"fine statics ({fine_static.sizes['lat']} rows) are not a {factor}-fold "
-                         f"refinement of the coarse grid ({coarse.sizes['lat']} rows)")
-    periodic = is_periodic(coarse["lon"].values)
-    opts = {"periodic_lon": periodic, "pad_mode": t["pad_mode"]}
-    static_tiles = tile(normalised_stack(fine_static, statics, stats),
-                        t["div_lat"], t["div_lon"], factor * halo, **opts)
-    static_tiles = torch.from_numpy(np.swapaxes(static_tiles, 0, 1).copy())  # [N, S, ...]
-    n_tiles = static_tiles.shape[0]
-
-    out = np.empty((coarse.sizes["time"], len(variables), *fine_static["lat"].shape,
-                    *fine_static["lon"].shape), dtype="float32")
-    model.eval()
-    for t0 in tqdm(range(0, coarse.sizes["time"], time_chunk), desc="downscale", unit="chunk"):
-        x = normalised_stack(coarse.isel(time=slice(t0, t0 + time_chunk)), variables, stats)
-        x = tile(x, t["div_lat"], t["div_lon"], halo, **opts)  # [t, V, N, h, w]
-        steps = x.shape[0]
-        x = torch.from_numpy(np.swapaxes(x, 1, 2).reshape(steps * n_tiles, *x.shape[1:2],
-                                                          *x.shape[3:]).copy())
-        static = static_tiles.repeat(steps, 1, 1, 1)
-        pred = torch.cat([model(x[i:i + batch_size], static[i:i + batch_size], payload["res_km"])
-                          for i in range(0, len(x), batch_size)])
-        pred = pred.reshape(steps, n_tiles, len(variables), *pred.shape[-2:]).numpy()
-        fields = stitch(np.swapaxes(pred, 1, 2), t["div_lat"], t["div_lon"], factor * halo,
-                        blend=blend, periodic_lon=periodic)
-        for v, name in enumerate(variables):
-            out[t0:t0 + steps, v] = denormalise(fields[:, v].astype("float64"), stats[name])
-
-    coords = {"time": coarse["time"], "lat": fine_static["lat"], "lon": fine_static["lon"]}
-    data = {name: (("time", "lat", "lon"), out[:, v], _cf_attrs(name))
-            for v, name in enumerate(variables)}
-    return xr.Dataset(data, coords=coords)
+    """The whole prediction in memory (for short periods and tests); see `downscale_chunks`."""
+    chunks = list(downscale_chunks(model, payload, coarse, fine_static, batch_size, blend,
+                                   time_chunk, **kwargs))
+    return xr.concat(chunks, dim="time") if len(chunks) > 1 else chunks[0]
 
 
-def _cf_attrs(name: str) -> dict:
+def cf_attrs(name: str) -> dict:
+    """CF variable attributes from the variable registry."""
     meta = BY_SHORT_NAME[name]
     return {"units": meta.units, "standard_name": meta.standard_name,
             "long_name": f"downscaled {meta.long_name.replace('_', ' ')}"}
 
 
-def write_downscaled(ds: xr.Dataset, path: str, payload: dict, checkpoint_sha256: str) -> None:
-    """CF-compliant netCDF, chunked by time, with the provenance in global attributes."""
+def provenance(payload: dict, checkpoint_sha256: str, **extra: str) -> dict:
+    """Global attributes: CF conventions, the training config, the weights' hash, versions."""
+    return {
+        "Conventions": "CF-1.10",
+        "title": "Downscaled fields (Reslim + TILES)",
+        "source": f"downscaler {downscaler.__version__}, "
+                  f"{payload.get('architecture', 'Reslim')}",
+        "history": f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} downscaled",
+        "checkpoint_sha256": checkpoint_sha256,
+        "config": json.dumps(payload.get("config", {}), sort_keys=True),
+        "tiling": json.dumps(payload.get("tiling", {}), sort_keys=True),
+        "software": f"python {platform.python_version()}, torch {torch.__version__}, "
+                    f"xarray {xr.__version__}, numpy {np.__version__}",
+        **extra,
+    }
+
+
+def _with_coord_attrs(ds: xr.Dataset) -> xr.Dataset:
     ds = ds.copy()
-    ds["lat"].attrs.update(units="degrees_north", standard_name="latitude", axis="Y")
-    ds["lon"].attrs.update(units="degrees_east", standard_name="longitude", axis="X")
-    ds["time"].attrs.update(standard_name="time", axis="T")
-    ds.attrs.update(
-        Conventions="CF-1.10",
-        title="Downscaled fields (Reslim + TILES)",
-        source=f"downscaler {downscaler.__version__}, Reslim",
-        history=f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} downscaled",
-        checkpoint_sha256=checkpoint_sha256,
-        config=json.dumps(payload.get("config", {}), sort_keys=True),
-        software=f"python {platform.python_version()}, torch {torch.__version__}, "
-                 f"xarray {xr.__version__}, numpy {np.__version__}",
-    )
-    n_lat, n_lon = ds.sizes["lat"], ds.sizes["lon"]
-    encoding = {name: {"zlib": True, "complevel": 4, "chunksizes": (1, n_lat, n_lon)}
-                for name in ds.data_vars}
-    write_netcdf(ds, path, encoding=encoding)
+    ds["lat"].attrs.update(units="degrees_north", standard_name="latitude", axis="Y",
+                           long_name="latitude")
+    ds["lon"].attrs.update(units="degrees_east", standard_name="longitude", axis="X",
+                           long_name="longitude")
+    ds["time"].attrs.update(standard_name="time", axis="T", long_name="time")
+    return ds
+
+
+def _time_encoding(time: xr.DataArray) -> dict:
+    calendar = time.dt.calendar if time.size else "proleptic_gregorian"
+    first = time.values[0]
+    day = (np.datetime_as_string(first, unit="D") if isinstance(first, np.datetime64)
+           else first.strftime("%Y-%m-%d"))
+    return {"units": f"hours since {day}", "calendar": calendar, "dtype": _TIME_DTYPE}
+
+
+class StreamWriter:
+    """Append time chunks to a netCDF (unlimited time) or zarr store at `path`, atomically.
+
+    Use as a context manager: the file appears under its final name only after `close()` of a
+    successful block. `chunk_sizes` records the time steps of every append (tests use it to check
+    that no more than one chunk is ever handed over at once).
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str = "netcdf", attrs: dict | None = None):
+        if fmt not in FORMATS:
+            raise ValueError(f"infer.format must be one of {FORMATS}, got {fmt!r}")
+        self.path, self.fmt, self.attrs = Path(path), fmt, dict(attrs or {})
+        self.chunk_sizes: list[int] = []
+        self._nc = None
+        self._time_enc: dict | None = None
+
+    def __enter__(self) -> StreamWriter:
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        return self
+
+    def append(self, chunk: xr.Dataset) -> None:
+        """Write one chunk of time steps after those already written."""
+        steps = chunk.sizes["time"]
+        if steps == 0:
+            return
+        if not self.chunk_sizes:
+            self._create(chunk)
+        elif self.fmt == "zarr":
+            # xarray rewrites the store's attributes on append: hand over the full set again.
+            chunk = _with_coord_attrs(chunk)
+            chunk.attrs = dict(self.attrs)
+            chunk.to_zarr(self._tmp, append_dim="time", zarr_format=3, consolidated=False)
+        else:
+            self._append_netcdf(chunk)
+        self.chunk_sizes.append(steps)
+
+    def _create(self, chunk: xr.Dataset) -> None:
+        ds = _with_coord_attrs(chunk)
+        ds.attrs.update(self.attrs)
+        n_lat, n_lon = ds.sizes["lat"], ds.sizes["lon"]
+        self._time_enc = _time_encoding(ds["time"])
+        if self.fmt == "zarr":
+            enc = {v: {"chunks": (1, n_lat, n_lon)} for v in ds.data_vars}
+            enc["time"] = dict(self._time_enc)
+            ds.to_zarr(self._tmp, mode="w", encoding=enc, zarr_format=3, consolidated=False)
+            return
+        enc = {v: {"zlib": True, "complevel": 4, "chunksizes": (1, n_lat, n_lon),
+                   "dtype": "float32"} for v in ds.data_vars}
+        enc["time"] = dict(self._time_enc)
+        ds.to_netcdf(self._tmp, unlimited_dims=["time"], encoding=enc, engine="netcdf4")
+        import netCDF4
+
+        self._nc = netCDF4.Dataset(self._tmp, "a")
+
+    def _append_netcdf(self, chunk: xr.Dataset) -> None:
+        from xarray.coding.times import encode_cf_datetime
+
+        nc, enc = self._nc, self._time_enc
+        n, steps = len(nc.dimensions["time"]), chunk.sizes["time"]
+        values, _, _ = encode_cf_datetime(chunk["time"].values, enc["units"], enc["calendar"],
+                                          dtype=np.dtype(_TIME_DTYPE))
+        nc["time"][n:n + steps] = values
+        for name in chunk.data_vars:
+            nc[name][n:n + steps] = chunk[name].transpose("time", "lat", "lon").values
+
+    def close(self, ok: bool = True) -> None:
+        if self._nc is not None:
+            self._nc.close()
+            self._nc = None
+        if ok and not self.chunk_sizes:
+            self._atomic.__exit__(ValueError, ValueError("nothing to write"), None)
+            raise ValueError(f"no time steps to write to {self.path}: the input selection is "
+                             f"empty")
+        if ok:
+            self._atomic.__exit__(None, None, None)
+        else:
+            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(ok=exc_type is None)
+
+
+def write_stream(chunks: Iterable[xr.Dataset], path: str | os.PathLike, fmt: str = "netcdf",
+                 attrs: dict | None = None) -> list[int]:
+    """Append every chunk to `path` as it arrives; returns the time steps of each append."""
+    with StreamWriter(path, fmt, attrs) as writer:
+        for chunk in chunks:
+            writer.append(chunk)
+    return writer.chunk_sizes
+
+
+def write_downscaled(ds: xr.Dataset, path: str, payload: dict, checkpoint_sha256: str,
+                     fmt: str = "netcdf", time_chunk: int = 32) -> None:
+    """Write an in-memory prediction (CF attrs, provenance) through the streaming writer."""
+    chunks = (ds.isel(time=slice(t0, t0 + time_chunk))
+              for t0 in range(0, ds.sizes["time"], time_chunk))
+    write_stream(chunks, path, fmt, provenance(payload, checkpoint_sha256))
+
+
+def open_downscaled(path: str | os.PathLike, **kwargs) -> xr.Dataset:
+    """Open a downscaled output written by this module, netCDF or zarr."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"downscaled output {path} does not exist: run the infer rule")
+    if path.is_dir():
+        return xr.open_zarr(path, consolidated=False, **kwargs)
+    return xr.open_dataset(path, **kwargs)
+
+
+def select_period(coarse: xr.Dataset, period: dict | None) -> xr.Dataset:
+    """The inclusive date range `period` ({start, end}) of `coarse`, or all of it."""
+    if not period:
+        return coarse
+    part = coarse.sel(time=slice(period["start"], f"{period['end']}T23:59:59"))
+    if part.sizes["time"] == 0:
+        raise ValueError(f"the period {period['start']}..{period['end']} selects no time step "
+                         f"of the inference input")
+    return part
+
+
+def _part_bounds(n_time: int, processes: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal [start, stop) index ranges, one per process, none empty."""
+    processes = max(1, min(processes, n_time))
+    edges = np.linspace(0, n_time, processes + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+ARCHITECTURES = ("reslim", "upsample_vit")
+
+
+def load_model(checkpoint: str | os.PathLike,
+               architecture: str = "reslim") -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, payload) from a checkpoint: Reslim, or the upsample-first ViT
+    baseline (same config and payload layout, other class)."""
+    if architecture == "reslim":
+        from downscaler.checkpoint import load_checkpoint
+
+        return load_checkpoint(checkpoint)
+    if architecture != "upsample_vit":
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+    from downscaler.model.baseline import UpsampleViT
+    from downscaler.model.reslim import ReslimConfig
+
+    try:
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model = UpsampleViT(ReslimConfig(**payload["model_config"]))
+        model.load_state_dict(payload["model_state"])
+    except (OSError, RuntimeError, KeyError) as err:
+        raise RuntimeError(f"cannot load {checkpoint} as an upsample-first ViT checkpoint: "
+                           f"{err}") from err
+    payload.setdefault("architecture", "UpsampleViT")
+    return model.eval(), payload
+
+
+def _downscale_part(checkpoint: str, architecture: str, coarse_path: str, static_path: str,
+                    period: dict | None, bounds: tuple[int, int], out: str, options: dict,
+                    threads: int) -> list[int]:
+    """Worker: downscale time steps [bounds) of the selection into its own netCDF part."""
+    torch.set_num_threads(max(1, threads))
+    model, payload = load_model(checkpoint, architecture)
+    with xr.open_dataset(coarse_path) as coarse, xr.open_dataset(static_path) as static:
+        part = select_period(coarse, period).isel(time=slice(*bounds))
+        chunks = downscale_chunks(model, payload, part, static[payload["statics"]].load(),
+                                  progress=False, **options)
+        return write_stream(chunks, out, "netcdf")
+
+
+def _stream_parts(parts: list[str], time_chunk: int) -> Iterator[xr.Dataset]:
+    """Read the part files back one chunk at a time, in order."""
+    for path in parts:
+        with xr.open_dataset(path) as part:
+            for t0 in range(0, part.sizes["time"], time_chunk):
+                yield part.isel(time=slice(t0, t0 + time_chunk)).load()
+
+
+def run_inference(
+    checkpoint: str | os.PathLike,
+    coarse_path: str | os.PathLike,
+    static_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    period: dict | None = None,
+    batch_size: int = 64,
+    blend: bool = False,
+    time_chunk: int = 32,
+    fmt: str = "netcdf",
+    processes: int = 1,
+    architecture: str = "reslim",
+) -> list[int]:
+    """Downscale a coarse file (optionally one period of it) into `out`, streaming by chunk.
+
+    `static_path` holds the fine statics (results/pairs/fine.nc). With `processes > 1` the time
+    range is split across that many local processes (spawned; torch threads shared out), each
+    writes a part, and the parts are streamed into `out`. The
+    checkpoint holds `architecture` (see `load_model`). Returns the time steps of each append
+    to `out` (never more than `time_chunk`).
+    """
+    from downscaler.checkpoint import file_sha256
+
+    if fmt not in FORMATS:
+        raise ValueError(f"infer.format must be one of {FORMATS}, got {fmt!r}")
+    model, payload = load_model(checkpoint, architecture)
+    attrs = provenance(payload, file_sha256(checkpoint),
+                       input_file=str(coarse_path),
+                       period=json.dumps(period or "all", sort_keys=True))
+    options = {"batch_size": batch_size, "blend": blend, "time_chunk": time_chunk}
+    with xr.open_dataset(coarse_path) as coarse:
+        n_time = select_period(coarse, period).sizes["time"]
+    bounds = _part_bounds(n_time, processes)
+    if len(bounds) <= 1:
+        with xr.open_dataset(coarse_path) as coarse, xr.open_dataset(static_path) as static:
+            chunks = downscale_chunks(model, payload, select_period(coarse, period),
+                                      static[payload["statics"]].load(), **options)
+            return write_stream(chunks, out, fmt, attrs)
+
+    threads = max(1, (os.cpu_count() or 1) // len(bounds))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.parts-", dir=out.parent) as tmp:
+        parts = [str(Path(tmp) / f"part{i:04d}.nc") for i in range(len(bounds))]
+        ctx = get_context("spawn")  # fork after torch initialised its thread pool can hang
+        with ProcessPoolExecutor(max_workers=len(bounds), mp_context=ctx) as pool:
+            jobs = [pool.submit(_downscale_part, str(checkpoint), architecture, str(coarse_path),
+                                str(static_path), period, b, part, options, threads)
+                    for b, part in zip(bounds, parts, strict=True)]
+            for job in jobs:
+                job.result()  # re-raises a worker's error here
+        return write_stream(_stream_parts(parts, time_chunk), out, fmt, attrs)

@@ -105,11 +105,48 @@ def _map(ax: plt.Axes, da: xr.DataArray, title: str, **kwargs) -> matplotlib.cm.
     """Draw a lat/lon field as cells (pcolormesh puts each value on its grid cell)."""
     mesh = ax.pcolormesh(da["lon"].values, da["lat"].values, da.values, shading="nearest",
                          **kwargs)
+    _coastlines(ax, da)
     ax.set_title(title)
     ax.set_xlabel("longitude (°E)")
     ax.set_ylabel("latitude (°N)")
     ax.set_aspect("equal", adjustable="box")
     return mesh
+
+
+def coastline_file() -> Path | None:
+    """A Natural Earth coastline shapefile already on disk (cartopy's data dirs), else None.
+
+    Never downloads: compute nodes are often offline, and a figure must not depend on network.
+    """
+    try:
+        import cartopy
+    except ImportError:
+        return None
+    roots = [cartopy.config.get(k) for k in ("pre_existing_data_dir", "data_dir")]
+    for root in filter(None, roots):
+        for res in ("50m", "110m", "10m"):
+            path = (Path(root) / "shapefiles" / "natural_earth" / "physical"
+                    / f"ne_{res}_coastline.shp")
+            if path.is_file():
+                return path
+    return None
+
+
+def _coastlines(ax: plt.Axes, da: xr.DataArray) -> None:
+    """Draw coastlines on plain lat/lon axes when cartopy and offline data exist; else nothing."""
+    path = coastline_file()
+    if path is None:
+        return
+    from cartopy.io.shapereader import Reader
+
+    lon, lat = da["lon"].values, da["lat"].values
+    xlim, ylim = (float(lon.min()), float(lon.max())), (float(lat.min()), float(lat.max()))
+    for geom in Reader(str(path)).geometries():
+        for line in getattr(geom, "geoms", [geom]):
+            x, y = np.asarray(line.xy[0]), np.asarray(line.xy[1])
+            ax.plot(x, y, color="black", lw=0.6)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
 
 
 def _time_text(da: xr.DataArray) -> str:
@@ -322,4 +359,143 @@ def plot_bias_maps(
                     cmap=_ERROR_CMAP, vmin=-lim, vmax=lim)
     fig.colorbar(mesh, ax=list(axes[0]), shrink=0.8, label=f"mean bias ({_units(truth)})")
     fig.suptitle(f"Time-mean bias, prediction − truth: {_label(truth)}")
+    return _save(fig, path)
+
+
+def plot_seams(
+    errors: pd.DataFrame,
+    path: str | os.PathLike,
+    halo_fine: int | None = None,
+    max_distance: int | None = None,
+) -> tuple[Path, Path]:
+    """TILES seam check: RMSE against distance to the nearest inner tile border (fine pixels).
+
+    `errors` is `seams.seam_errors`' table (setting, variable, distance, rmse, n); one panel per
+    variable, one line per setting (trained halo, halo 0, whole domain). A flat line means no
+    seam; a rise towards distance 0 means tiles lack context at their borders. `halo_fine`
+    marks the trained halo width.
+    """
+    if errors.empty:
+        raise ValueError("no seam-check errors to plot")
+    variables = list(dict.fromkeys(errors["variable"]))
+    n = len(variables)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), constrained_layout=True,
+                             squeeze=False)
+    for ax, var in zip(axes[0], variables, strict=True):
+        part = errors[errors["variable"] == var]
+        if max_distance is not None:
+            part = part[part["distance"] <= max_distance]
+        for setting, line in part.groupby("setting", sort=False):
+            ax.plot(line["distance"], line["rmse"], marker="o", ms=3, lw=1.4, label=setting)
+        if halo_fine:
+            ax.axvline(halo_fine, color="0.5", ls=":", lw=1)
+            ax.text(halo_fine, 0.02, f" trained halo\n ({halo_fine} px)", color="0.4",
+                    fontsize=8, transform=ax.get_xaxis_transform())
+        units = BY_SHORT_NAME[var].units if var in BY_SHORT_NAME else ""
+        label = BY_SHORT_NAME[var].long_name.replace("_", " ") if var in BY_SHORT_NAME else var
+        ax.set_xlabel("distance to nearest tile border (fine pixels)")
+        ax.set_ylabel(f"RMSE ({units})" if units else "RMSE")
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("TILES seam check: error vs distance to tile borders")
+    return _save(fig, path)
+
+
+def _message_figure(title: str, lines: list[str]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.axis("off")
+    ax.set_title(title, fontsize=13, loc="left")
+    ax.text(0.0, 0.85, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
+            transform=ax.transAxes, wrap=True)
+    return fig
+
+
+NO_BENCHMARKS_HINT = [
+    "No benchmark results yet. Run the scaling benchmarks, e.g.",
+    "  python benchmarks/bench_tiles_scaling.py",
+    "  python benchmarks/bench_reslim_vs_baseline.py",
+    "  python benchmarks/bench_dchag_memory.py",
+    "They write benchmarks/results/*.json; then re-run the workflow",
+    "(the scaling rule re-runs when that set of files changes).",
+]
+
+
+def plot_scaling(
+    bench: pd.DataFrame,
+    path: str | os.PathLike,
+    problems: list[str] | None = None,
+    results_dir: str | None = None,
+) -> tuple[Path, Path]:
+    """Strong scaling (throughput and efficiency vs processes / GPUs) and domain-size scaling
+    (grid points per second and efficiency vs domain size), one line per benchmark series.
+
+    `bench` is `benchmarks.load_benchmarks`' table. Ideal linear scaling is drawn dashed. With
+    nothing to draw, the figure says so and how to produce benchmark results.
+    """
+    from downscaler.evaluation.benchmarks import scaling_efficiency
+
+    problems = list(problems or [])
+    usable = bench[bench["throughput"].notna()] if not bench.empty else bench
+    by_proc = usable[usable["processes"].notna()] if not usable.empty else usable
+    by_dom = usable[usable["domain"].notna()] if not usable.empty else usable
+    if by_proc.empty and by_dom.empty:
+        lines = list(NO_BENCHMARKS_HINT)
+        if not bench.empty:
+            lines = [f"{len(bench)} benchmark record(s) found, but none has a throughput (or",
+                     "step time) together with a process count or a domain size."] + lines[1:]
+        if results_dir is not None:
+            lines.append(f"(looked for *.json in {results_dir})")
+        fig = _message_figure("Scaling: no benchmark results to plot",
+                              lines + [f"! {p}" for p in problems])
+        return _save(fig, path)
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    (ax_tp, ax_eff), (ax_dom, ax_deff) = axes
+    if by_proc.empty:
+        for ax in (ax_tp, ax_eff):
+            ax.text(0.5, 0.5, "no runs with a process / GPU count", ha="center",
+                    transform=ax.transAxes)
+    else:
+        eff = scaling_efficiency(by_proc, "processes")
+        for series, g in by_proc.groupby("series", sort=False):
+            g = g.sort_values("processes")
+            line, = ax_tp.loglog(g["processes"], g["throughput"], marker="o", label=series)
+            n0, t0 = g["processes"].iloc[0], g["throughput"].iloc[0]
+            ax_tp.loglog(g["processes"], t0 * g["processes"] / n0, ls="--", lw=0.8,
+                         color=line.get_color())
+            ax_eff.plot(g["processes"], 100 * eff[g.index], marker="o", label=series)
+        ax_eff.axhline(100, color="0.5", ls="--", lw=0.8)
+        ax_eff.set_xscale("log", base=2)
+        unit = by_proc["throughput_unit"].mode().iloc[0] or "samples/s"
+        ax_tp.set_ylabel(f"throughput ({unit})")
+        ax_eff.set_ylabel("strong-scaling efficiency (%)")
+        ax_tp.set_title("Throughput vs processes (dashed: ideal)")
+        ax_eff.set_title("Efficiency vs processes")
+        ax_tp.legend(fontsize=7)
+    for ax in (ax_tp, ax_eff):
+        ax.set_xlabel("processes / GPUs")
+        ax.grid(True, which="both", alpha=0.3)
+    if by_dom.empty:
+        for ax in (ax_dom, ax_deff):
+            ax.text(0.5, 0.5, "no runs with a domain size", ha="center", transform=ax.transAxes)
+    else:
+        deff = scaling_efficiency(by_dom, "domain")
+        for series, g in by_dom.groupby("series", sort=False):
+            g = g.sort_values("domain")
+            ax_dom.loglog(g["domain"], g["throughput"] * g["domain"], marker="o", label=series)
+            ax_deff.semilogx(g["domain"], 100 * deff[g.index], marker="o", label=series)
+        ax_deff.axhline(100, color="0.5", ls="--", lw=0.8)
+        ax_dom.set_ylabel("grid points per second")
+        ax_deff.set_ylabel("efficiency vs smallest domain (%)")
+        ax_dom.set_title("Throughput vs domain size")
+        ax_deff.set_title("Efficiency vs domain size (100%: cost linear in area)")
+        ax_dom.legend(fontsize=7)
+    for ax in (ax_dom, ax_deff):
+        ax.set_xlabel("domain size (grid points)")
+        ax.grid(True, which="both", alpha=0.3)
+    title = "Scaling (benchmarks/results)"
+    if problems:
+        title += f" — {len(problems)} file(s) skipped"
+    fig.suptitle(title)
     return _save(fig, path)

@@ -1,0 +1,195 @@
+"""Inference: tiling is exact where it should be, output streams chunk by chunk, files carry
+their metadata, several processes give the same file as one."""
+
+from __future__ import annotations
+
+import json
+
+import netCDF4
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from downscaler import infer as I
+from downscaler.checkpoint import file_sha256, save_checkpoint
+from downscaler.model.presets import build_model
+from downscaler.pairs import compute_stats, denormalise
+from downscaler.tiles_store import normalised_stack
+
+from tests.conftest import random_fields
+
+FACTOR = 4
+VARS, STATICS = ["t2m", "tp"], ["orog", "lsm"]
+
+
+def _data(n_time=7, n_lat=8, n_lon=16, seed=0):
+    """Coarse fields (n_lat x n_lon) and fine statics on the exact 4-fold refinement."""
+    fine, static = random_fields(n_time, FACTOR * n_lat, FACTOR * n_lon, res=0.25, seed=seed)
+    coarse = fine.coarsen(lat=FACTOR, lon=FACTOR).mean()
+    stats = compute_stats(xr.merge([fine, static]), VARS + STATICS)
+    return coarse, fine, static, stats
+
+
+def _payload(stats, div=(2, 2), halo=1, patch=2, pad_mode="symmetric"):
+    return {"variables": VARS, "statics": STATICS, "stats": stats, "res_km": 111.0,
+            "tiling": {"div_lat": div[0], "div_lon": div[1], "halo": halo,
+                       "pad_mode": pad_mode, "factor": FACTOR},
+            "model_config": {"patch_size": patch}, "config": {"seed": 1}}
+
+
+class LocalModel(torch.nn.Module):
+    """A model with a receptive field of exactly 1 coarse pixel (a 3x3 conv), for exactness.
+
+    It pads its input by repeating the edge, as tiling with pad_mode "edge" does at the domain
+    borders, so with that mode only inner tile borders can differ from an untiled prediction.
+    """
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(len(VARS), len(VARS), 3, padding=1,
+                                    padding_mode="replicate")
+        self.calls: list[int] = []
+
+    def forward(self, x, static, res_km):
+        self.calls.append(len(x))
+        up = F.interpolate(self.conv(x), scale_factor=FACTOR, mode="nearest")
+        return up + 0.1 * static[:, :1]
+
+
+def _tiny_reslim():
+    torch.manual_seed(0)
+    return build_model("tiny", VARS, VARS, STATICS, mag=FACTOR).eval()
+
+
+def test_one_tile_without_halo_is_the_direct_model_output():
+    coarse, _, static, stats = _data()
+    model = _tiny_reslim()
+    payload = _payload(stats, div=(1, 1), halo=0)
+    # One chunk, one batch: the same tensor the direct call sees, so equality is bitwise.
+    out = I.downscale(model, payload, coarse, static, time_chunk=coarse.sizes["time"])
+    chunked = I.downscale(model, payload, coarse, static, batch_size=2, time_chunk=3)
+    x = torch.from_numpy(normalised_stack(coarse, VARS, stats))
+    s = torch.from_numpy(normalised_stack(static, STATICS, stats)).expand(len(x), -1, -1, -1)
+    with torch.no_grad():
+        direct = model(x, s, payload["res_km"]).numpy()
+    for v, name in enumerate(VARS):
+        expect = denormalise(direct[:, v].astype("float64"), stats[name]).astype("float32")
+        np.testing.assert_array_equal(out[name].values, expect)
+        # Other batch shapes change only the float rounding of the matrix products.
+        np.testing.assert_allclose(chunked[name].values, expect, rtol=1e-5, atol=1e-5)
+    assert (out["tp"].values >= 0).all()  # precipitation clipped at 0
+
+
+def test_tiles_with_halo_covering_the_receptive_field_are_exact():
+    coarse, _, static, stats = _data()
+    model = LocalModel()
+    payload = _payload(stats, div=(2, 2), halo=1, patch=1)
+    whole = I.downscale(model, payload, coarse, static, div=(1, 1))  # same padding, one tile
+    tiled = I.downscale(model, payload, coarse, static)
+    for name in VARS:
+        np.testing.assert_allclose(tiled[name].values, whole[name].values, rtol=1e-6, atol=1e-5)
+    # Without the halo the tiles lose context at the inner borders: the check can fail.
+    no_halo = I.downscale(model, payload, coarse, static, halo=0)
+    assert np.abs(no_halo["t2m"].values - whole["t2m"].values).max() > 1e-3
+
+
+def test_chunks_bound_memory_and_the_writer_sees_one_chunk_at_a_time(tmp_path, monkeypatch):
+    coarse, _, static, stats = _data(n_time=7)
+    model = LocalModel()
+    payload = _payload(stats, patch=1)
+    seen = []
+    original = I.StreamWriter.append
+
+    def record(self, chunk):
+        seen.append(chunk.sizes["time"])
+        original(self, chunk)
+
+    monkeypatch.setattr(I.StreamWriter, "append", record)
+    chunks = I.downscale_chunks(model, payload, coarse, static, batch_size=5, time_chunk=3)
+    sizes = I.write_stream(chunks, tmp_path / "out.nc", "netcdf", {"a": "b"})
+    assert sizes == seen == [3, 3, 1]
+    assert max(model.calls) <= 5  # batches of tiles, never the whole chunk
+    with xr.open_dataset(tmp_path / "out.nc") as ds:
+        assert ds.sizes["time"] == 7
+        np.testing.assert_array_equal(ds["time"].values, coarse["time"].values)
+        whole = I.downscale(model, payload, coarse, static)
+        np.testing.assert_array_equal(ds["t2m"].values, whole["t2m"].values)
+    with netCDF4.Dataset(tmp_path / "out.nc") as nc:
+        assert nc.dimensions["time"].isunlimited()
+        assert nc["t2m"].chunking() == [1, 8 * FACTOR, 16 * FACTOR]
+
+
+def _checkpoint(tmp_path, coarse, fine, static, stats):
+    model = _tiny_reslim()
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, model, variables=VARS, statics=STATICS, stats=stats,
+                    tiling=_payload(stats)["tiling"], res_km=111.0, config={"seed": 7})
+    coarse.to_netcdf(tmp_path / "coarse.nc")
+    xr.merge([fine, static]).to_netcdf(tmp_path / "fine.nc")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["netcdf", "zarr"])
+def test_output_carries_cf_attrs_and_provenance(tmp_path, fmt):
+    coarse, fine, static, stats = _data(n_time=5)
+    ckpt = _checkpoint(tmp_path, coarse, fine, static, stats)
+    out = tmp_path / ("out.nc" if fmt == "netcdf" else "out.zarr")
+    period = {"start": "2000-01-02", "end": "2000-01-04"}
+    sizes = I.run_inference(ckpt, tmp_path / "coarse.nc", tmp_path / "fine.nc", out,
+                            period=period, fmt=fmt, time_chunk=2)
+    assert sizes == [2, 1]
+    with I.open_downscaled(out) as ds:
+        assert ds.sizes == {"time": 3, "lat": 32, "lon": 64}
+        assert str(ds["time"].values[0])[:10] == "2000-01-02"
+        assert ds.attrs["Conventions"].startswith("CF-")
+        assert ds.attrs["checkpoint_sha256"] == file_sha256(ckpt)
+        assert json.loads(ds.attrs["config"]) == {"seed": 7}
+        assert "torch" in ds.attrs["software"] and "xarray" in ds.attrs["software"]
+        assert ds["t2m"].attrs["units"] == "K"
+        assert ds["t2m"].attrs["standard_name"] == "air_temperature"
+        assert ds["tp"].attrs["units"] == "mm/day" and float(ds["tp"].min()) >= 0
+        assert ds["lat"].attrs["units"] == "degrees_north" and ds["lon"].attrs["axis"] == "X"
+        assert ds["time"].attrs["axis"] == "T"
+        np.testing.assert_allclose(ds["lat"].values, static["lat"].values)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_several_processes_write_the_same_file(tmp_path):
+    coarse, fine, static, stats = _data(n_time=5)
+    ckpt = _checkpoint(tmp_path, coarse, fine, static, stats)
+    args = (ckpt, tmp_path / "coarse.nc", tmp_path / "fine.nc")
+    I.run_inference(*args, tmp_path / "one.nc", time_chunk=2)
+    sizes = I.run_inference(*args, tmp_path / "two.nc", time_chunk=2, processes=2)
+    assert max(sizes) <= 2 and sum(sizes) == 5
+    with xr.open_dataset(tmp_path / "one.nc") as a, xr.open_dataset(tmp_path / "two.nc") as b:
+        xr.testing.assert_equal(a, b)
+    assert [p.name for p in tmp_path.iterdir() if "parts" in p.name] == []
+
+
+def test_wrong_grid_and_missing_variables_are_clear_errors(tmp_path):
+    coarse, _, static, stats = _data()
+    model = LocalModel()
+    shifted = coarse.assign_coords(lat=coarse["lat"] + 0.5)
+    with pytest.raises(ValueError, match="regrid the input onto"):
+        I.downscale(model, _payload(stats, patch=1), shifted, static)
+    with pytest.raises(KeyError, match="tp"):
+        I.downscale(model, _payload(stats, patch=1), coarse.drop_vars("tp"), static)
+    with pytest.raises(ValueError, match="patch size"):
+        I.downscale(_tiny_reslim(), _payload(stats, halo=1, patch=2), coarse.isel(lon=slice(0, 14)),
+                    static.isel(lon=slice(0, 56)))
+
+
+def test_an_interrupted_stream_leaves_no_file(tmp_path):
+    coarse, _, static, stats = _data(n_time=4)
+    chunks = I.downscale_chunks(LocalModel(), _payload(stats, patch=1), coarse, static,
+                                time_chunk=2)
+
+    def failing():
+        yield next(chunks)
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        I.write_stream(failing(), tmp_path / "out.nc")
+    assert list(tmp_path.iterdir()) == []

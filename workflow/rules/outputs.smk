@@ -1,0 +1,52 @@
+# Output paths and report helpers of the infer and evaluate stages, included by infer.smk (so
+# the Snakefile's targets may use them too): the downscaled files in the configured format, the
+# figures' PDF twins and their report captions.
+import glob
+
+DOWNSCALED_SUFFIX = "zarr" if config["infer"]["format"] == "zarr" else "nc"
+FIGURE_DIR = "results/evaluation/figures"
+# Per-variable figures and the training curves come from rule evaluate; the seam check and the
+# scaling plot have rules of their own.
+SCORE_FIGURES = [
+    f for f in FIGURES if os.path.basename(f).split("_")[0] in FIGURE_KINDS
+]
+
+
+def downscaled(name):
+    """Path of the downscaled output NAME (results/downscaled/NAME.nc or .zarr, per infer.format)."""
+    return f"results/downscaled/{name}.{DOWNSCALED_SUFFIX}"
+
+
+def downscaled_output(name):
+    """Rule output for downscaled(NAME): a directory() for zarr stores."""
+    path = downscaled(name)
+    return directory(path) if DOWNSCALED_SUFFIX == "zarr" else path
+
+
+def pdf(path):
+    """The PDF twin every figure function writes next to its PNG."""
+    return path[: -len(".png")] + ".pdf"
+
+
+def figure_report(path):
+    """A per-variable figure as a report item: caption by figure kind, grouped by variable."""
+    kind, name = os.path.basename(path)[: -len(".png")].split("_", 1)
+    return report(
+        path,
+        caption=f"../report/{kind}.rst",
+        category="Figures",
+        subcategory=name,
+        labels={"figure": kind, "variable": name},
+    )
+
+
+def optional_baselines(wildcards):
+    """Learned baselines scored next to the model, when configured (evaluate.*_checkpoint)."""
+    if config["evaluate"]["upsample_vit_checkpoint"]:
+        return {"upsample_vit": "results/downscaled/baselines/upsample_vit_test.nc"}
+    return {}
+
+
+def benchmark_results(wildcards):
+    """Whatever benchmark JSON exists now; a new or removed file re-runs the scaling rule."""
+    return sorted(glob.glob(os.path.join(config["evaluate"]["benchmarks"], "*.json")))

@@ -13,15 +13,16 @@ $(STAMP): envs/requirements.txt envs/requirements-test.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# Rules run `python -m downscaler.cli ...`: the environment's python must come first on PATH.
 demo: $(STAMP)
-	$(BIN)/snakemake --cores all
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores all
 
 test: $(STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/snakemake --lint
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 
 clean:

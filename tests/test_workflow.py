@@ -68,13 +68,42 @@ def check_outputs(workdir: Path) -> pd.DataFrame:
     return metrics
 
 
+def write_cmip6_tree(root: Path) -> None:
+    """tas and pr of a fictitious model in the ESGF layout: 2 deg grid, noleap, 0..360 lon."""
+    import cftime
+
+    from downscaler.sources.cmip6 import esgf_path
+
+    times = [cftime.DatetimeNoLeap(2000, 2, d, 12) for d in range(15, 29)]
+    lat, lon = np.arange(31.0, 58.0, 2.0), np.arange(0.0, 360.0, 2.0)
+    wave = np.cos(np.deg2rad(lat))[:, None] * np.ones(lon.size)
+    for var, units, values in (("tas", "K", 270 + 10 * wave), ("pr", "kg m-2 s-1", 3e-5 * wave)):
+        data = np.repeat(values[None], len(times), axis=0).astype("float32")
+        ds = xr.Dataset({var: (("time", "lat", "lon"), data, {"units": units})},
+                        coords={"time": times, "lat": lat, "lon": lon})
+        ds["time"].encoding.update(units="days since 1850-01-01", calendar="noleap")
+        path = esgf_path(root, "CMIP", "INST", "FAKE-ESM", "historical", "r1i1p1f1", "day", var,
+                         "gn", "v20200101", time_range="20000215-20000228")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.to_netcdf(path)
+
+
 @pytest.mark.slow
 def test_demo_workflow_end_to_end(tmp_path):
     workdir = tmp_path / "run"
-    run_snakemake(workdir, TINY)
+    write_cmip6_tree(tmp_path / "CMIP6")
+    config = {**TINY, "inference_inputs": {"cmip6_hist": {
+        "source": "cmip6", "provider": "local", "root": str(tmp_path / "CMIP6"),
+        "source_id": "FAKE-ESM", "experiment": "historical",
+        "period": {"start": "2000-02-20", "end": "2000-02-29"}}}}
+    run_snakemake(workdir, config)
     check_outputs(workdir)
+    with xr.open_dataset(workdir / "results/downscaled/cmip6_hist.nc") as ds:
+        assert ds.sizes == {"time": 9, "lat": 16, "lon": 32}  # noleap: no 29 February
+        assert np.isfinite(ds["t2m"]).all() and float(ds["tp"].min()) >= 0
+        assert 250 < float(ds["t2m"].mean()) < 290
     # A second run has nothing to do: outputs are complete and up to date.
-    again = run_snakemake(workdir, TINY, "-n")
+    again = run_snakemake(workdir, config, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
@@ -151,3 +180,20 @@ def test_local_source_reads_cds_style_files(tmp_path):
     config["resolution"] = 0.25
     with pytest.raises(ValueError, match="set resolution: 0.5"):
         load_training_source(config, tmp_path / "raw")
+
+
+def test_cmip6_from_the_cds_through_the_real_client(tmp_path, fake_cds):  # noqa: F811
+    from downscaler.sources.prepare import open_inference_input
+
+    spec = {"source": "cmip6", "provider": "cds", "source_id": "MPI-ESM1-2-LR",
+            "experiment": "ssp245", "member": "r1i1p1f1", "table": "day",
+            "period": {"start": "2050-01-01", "end": "2050-01-31"}}
+    config = {"variables": ["2m_temperature"], "region": TINY["region"],
+              "period": spec["period"], "era5": {"retries": 1, "retry_wait_s": 0.01}}
+    ds = open_inference_input(spec, config, tmp_path / "raw")
+    assert list(ds.data_vars) == ["t2m"] and ds.sizes["time"] == 31
+    assert ds["t2m"].attrs["units"] == "K"
+    dataset, request = fake_cds.submitted[-1]
+    assert dataset == "projections-cmip6"
+    assert request["experiment"] == "ssp2_4_5" and request["model"] == "mpi_esm1_2_lr"
+    assert request["area"] == [53.0, -5.0, 35.0, 21.0]  # the region plus a 5 degree border

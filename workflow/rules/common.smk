@@ -36,4 +36,5 @@ def input_config(name):
     if name not in config["inference_inputs"]:
         raise ValueError(f"no inference_inputs entry named {name!r} in the config")
     spec = {"inference_inputs": {name: config["inference_inputs"][name]}}
-    return json.dumps({"variables": config["variables"], **spec}, sort_keys=True)
+    keys = ("variables", "region", "period", "era5")
+    return json.dumps({**{k: config[k] for k in keys}, **spec}, sort_keys=True)

@@ -46,6 +46,7 @@ rule prepare_input:
         "../../envs/cpu.yaml"
     params:
         cfg=lambda wildcards: input_config(wildcards.name),
+        raw_dir=config["era5"]["raw_dir"],
     shell:
         "python -m downscaler.cli prepare_input --config {params.cfg:q} --name {wildcards.name}"
-        " --coarse {input.coarse} --out {output} > {log} 2>&1"
+        " --raw-dir {params.raw_dir} --coarse {input.coarse} --out {output} > {log} 2>&1"

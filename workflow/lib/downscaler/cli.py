@@ -33,7 +33,7 @@ def prepare_input(args, config: dict) -> None:
     spec = config["inference_inputs"][args.name]
     with xr.open_dataset(args.coarse) as coarse:
         grid = coarse[["lat", "lon"]].load()
-    ds = to_model_grid(open_inference_input(spec, config), grid)
+    ds = to_model_grid(open_inference_input(spec, config, args.raw_dir), grid)
     ds.attrs.update(source=f"inference input {args.name!r}: {json.dumps(spec, sort_keys=True)}")
     write_netcdf(ds, args.out)
 
@@ -150,7 +150,7 @@ def scaling(args, config: dict) -> None:
 
 STAGES = {
     "source": (source, ["raw_dir", "fields", "static"]),
-    "prepare_input": (prepare_input, ["name", "coarse", "out"]),
+    "prepare_input": (prepare_input, ["name", "raw_dir", "coarse", "out"]),
     "pairs": (pairs, ["fields", "static", "fine", "coarse", "stats"]),
     "tiles": (tiles, ["fine", "coarse", "stats", "split", "out"]),
     "train": (train, ["train", "val", "checkpoint", "log"]),

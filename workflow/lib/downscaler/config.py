@@ -119,8 +119,9 @@ def _check_sources(config: dict) -> None:
     if config["source"] == "local" and not config["local"]["paths"]:
         raise ConfigError("config key local.paths: source local needs files or glob patterns")
     needs = {"cmip6": {"local": ["root", "source_id", "experiment"],
-                       "esgf": ["source_id", "experiment"]},
-             "local": {"local": ["paths"], "esgf": ["paths"]}}
+                       "esgf": ["source_id", "experiment"],
+                       "cds": ["source_id", "experiment"]},
+             "local": {"local": ["paths"], "esgf": ["paths"], "cds": ["paths"]}}
     for name, spec in config["inference_inputs"].items():
         if not name.isidentifier():
             raise ConfigError(f"config key inference_inputs.{name}: use letters, digits and _")

@@ -89,8 +89,15 @@ def load_training_source(config: dict, raw_dir: Path) -> tuple[xr.Dataset, xr.Da
     return fields, static.reindex_like(fields[["lat", "lon"]], method="nearest", tolerance=1e-6)
 
 
-def open_inference_input(spec: dict, config: dict) -> xr.Dataset:
-    """Read one `inference_inputs` entry in canonical form (any grid), over its period."""
+CDS_MARGIN_DEG = 5.0  # CMIP6 grids reach ~2.8 deg: fetch a border so bilinear covers the edges
+
+
+def open_inference_input(spec: dict, config: dict, raw_dir: Path | None = None) -> xr.Dataset:
+    """Read one `inference_inputs` entry in canonical form (any grid), over its period.
+
+    CMIP6 comes from an ESGF directory tree (`provider: local`), through intake-esgf
+    (`esgf`), or from the CDS dataset projections-cmip6 (`cds`, downloaded under `raw_dir`).
+    """
     variables = config["variables"]
     period = spec.get("period")
     if spec["source"] == "cmip6":
@@ -99,8 +106,10 @@ def open_inference_input(spec: dict, config: dict) -> xr.Dataset:
         ids = (spec["source_id"], spec["experiment"], spec["member"], spec["table"])
         if spec["provider"] == "local":
             paths = find_local_cmip6(spec["root"], *ids, variables)
-        else:  # esgf: intake-esgf downloads into (and then finds files in) `root`
+        elif spec["provider"] == "esgf":  # intake-esgf downloads into (and finds files in) root
             paths = search_esgf(*ids, variables, cache=spec.get("root"), period=period)
+        else:
+            paths = _fetch_cmip6_cds(spec, config, Path(raw_dir or "resources/raw"))
         ds = open_cmip6(paths, variables, period)
     else:
         from downscaler.sources.local import open_local
@@ -109,6 +118,24 @@ def open_inference_input(spec: dict, config: dict) -> xr.Dataset:
         if period:
             ds = ds.sel(time=slice(period["start"], f"{period['end']}T23:59:59"))
     return ds[short_names(variables)]
+
+
+def _fetch_cmip6_cds(spec: dict, config: dict, raw_dir: Path) -> list[Path]:
+    from downscaler.sources.cds import fetch_cmip6_cds
+
+    region = config.get("region")
+    if region is not None:
+        region = {"south": max(-90.0, region["south"] - CDS_MARGIN_DEG),
+                  "north": min(90.0, region["north"] + CDS_MARGIN_DEG),
+                  "west": region["west"] - CDS_MARGIN_DEG,
+                  "east": region["east"] + CDS_MARGIN_DEG}
+    cds_config = {
+        **config, "region": region, "frequency": "daily",
+        "period": spec.get("period") or config["period"],
+        "cmip6": {"model": spec["source_id"], "experiment": spec["experiment"],
+                  "member": spec["member"], "variables": config["variables"]},
+    }
+    return fetch_cmip6_cds(cds_config, raw_dir)
 
 
 def to_model_grid(ds: xr.Dataset, coarse_grid: xr.Dataset) -> xr.Dataset:

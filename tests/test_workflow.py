@@ -71,7 +71,6 @@ def check_outputs(workdir: Path) -> pd.DataFrame:
 def write_cmip6_tree(root: Path) -> None:
     """tas and pr of a fictitious model in the ESGF layout: 2 deg grid, noleap, 0..360 lon."""
     import cftime
-
     from downscaler.sources.cmip6 import esgf_path
 
     times = [cftime.DatetimeNoLeap(2000, 2, d, 12) for d in range(15, 29)]

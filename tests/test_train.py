@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from downscaler import checkpoint as ckpt
@@ -26,29 +27,40 @@ SMALL_MODEL = {"preset": "tiny", "embed_dim": 32, "depth": 1, "num_heads": 2,
                "residual_channels": 4}
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory) -> tuple[str, str]:
-    """Tiny train (24 days x 2 tiles) and val (6 days x 2 tiles) stores."""
-    root = tmp_path_factory.mktemp("tiles")
+def write_stores(root: Path, statics: list[str], halo: int = 1) -> tuple[str, str]:
+    """Tiny train (24 days x 2 tiles) and val (6 days x 2 tiles) stores with these statics."""
     fields, static = random_fields(n_time=30, n_lat=16, n_lon=32, seed=5)
     fine, coarse = make_pairs(fields, static, factor=4)
-    stats = compute_stats(fine.isel(time=slice(0, 24)), ["t2m", "tp", "orog", "lsm",
-                                                         "latitude"])
-    cfg = {"div_lat": 1, "div_lon": 2, "halo": 1, "pad_mode": "symmetric"}
+    stats = compute_stats(fine.isel(time=slice(0, 24)), ["t2m", "tp", *statics])
+    cfg = {"div_lat": 1, "div_lon": 2, "halo": halo, "pad_mode": "symmetric"}
     paths = []
     for split, sl in (("train", slice(0, 24)), ("val", slice(24, 30))):
         path = root / f"{split}.zarr"
-        write_tiles(fine.isel(time=sl), coarse.isel(time=sl), ["t2m", "tp"],
-                    ["orog", "lsm", "latitude"], stats, cfg, str(path))
+        write_tiles(fine.isel(time=sl), coarse.isel(time=sl), ["t2m", "tp"], statics, stats,
+                    cfg, str(path))
         paths.append(str(path))
     return paths[0], paths[1]
 
 
-def make_config(tmp: Path, processes: int = 1, **train_opts) -> dict:
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> tuple[str, str]:
+    """Tiny stores with 2 variables and 3 statics."""
+    return write_stores(tmp_path_factory.mktemp("tiles"), ["orog", "lsm", "latitude"])
+
+
+@pytest.fixture(scope="module")
+def even_stores(tmp_path_factory) -> tuple[str, str]:
+    """Tiny stores for 2-way sp and D-CHAG: 2 variables + 2 statics (4 channels, split evenly
+    over tp=2) and halo 2 (8x8 coarse tiles: 16 tokens of 2x2, split evenly over sp=2)."""
+    return write_stores(tmp_path_factory.mktemp("tiles_even"), ["orog", "lsm"], halo=2)
+
+
+def make_config(tmp: Path, processes: int = 1, parallel: dict | None = None,
+                **train_opts) -> dict:
     opts = {"epochs": 4, "batch_size": 8, "workers": 0, "val_every_steps": 3,
             "log_dir": str(tmp / "logs" / "train"), **train_opts}
-    return validate_config({"seed": 7, "model": SMALL_MODEL, "train": opts,
-                            "parallel": {"processes": processes, "device": "cpu"}})
+    par = {"processes": processes, "device": "cpu", **(parallel or {})}
+    return validate_config({"seed": 7, "model": SMALL_MODEL, "train": opts, "parallel": par})
 
 
 def run_cli(config: dict, stores, out: Path, **popen) -> subprocess.Popen:
@@ -118,6 +130,30 @@ def test_two_local_processes_end_to_end(two_process_run):
         assert "val loss" in (out / "logs" / "train" / f"rank{rank}.log").read_text()
 
 
+@pytest.mark.parametrize("layout", [{"sp": 2}, {"tp": 2, "dchag": "linear"}],
+                         ids=["sp", "dchag"])
+def test_two_process_layout_trains_and_its_checkpoint_downscales(layout, even_stores, tmp_path):
+    """Sequence parallel and D-CHAG through the engine (2 gloo processes, the CLI), then the
+    consolidated checkpoint on one process through inference."""
+    from downscaler.infer import downscale
+
+    config = make_config(tmp_path, processes=2, parallel=layout, epochs=1)
+    proc = run_cli(config, even_stores, tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 48 // 8
+    model, payload = ckpt.load_checkpoint(tmp_path / "model" / "checkpoint.pt")
+    want = {"variant": "linear", "tp": 2} if layout.get("dchag") else None
+    assert payload["dchag"] == want and payload["step"] == summary["best_step"]
+    fields, static = random_fields(n_time=2, n_lat=16, n_lon=32, seed=9)
+    fine, coarse = make_pairs(fields, static, factor=4)
+    out = downscale(model, payload, coarse, fine, progress=False)
+    for name in ("t2m", "tp"):
+        assert out[name].shape == fine[name].shape
+        assert np.isfinite(out[name].values).all(), name
+
+
 def test_sigterm_then_resume_matches_uninterrupted_run(stores, two_process_run, tmp_path):
     reference, config, summary = two_process_run
     proc = run_cli(config, stores, tmp_path)
@@ -185,27 +221,63 @@ def test_init_from_matches_variables_by_name_and_drops_mismatched_heads(tmp_path
         ckpt.load_matching_weights(new, tmp_path / "missing.pt")
 
 
+def _check_dchag_grad_norm(build, mesh, fresh, x, static, y, variant):
+    """The engine's gradient clipping measures the single-process D-CHAG model's gradient norm.
+
+    Only the D-CHAG modules' gradients are kept (on both models): the rest of this tiny model
+    dwarfs them, so a wrong D-CHAG share would hide in the total.
+    """
+    from downscaler.parallel.dchag import PRIVATE_PREFIXES, reference_model
+    from downscaler.train import _clip_dchag_grad_norm
+
+    model, _ = build()
+    torch.manual_seed(0)
+    ref = reference_model(fresh(), 2, variant)
+    for m in (model, ref):
+        ((m(x, static, 100.0) - y) ** 2).mean().backward()
+        for name, p in m.named_parameters():
+            if not name.startswith(PRIVATE_PREFIXES):
+                p.grad = None
+    want = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")))
+    got = _clip_dchag_grad_norm(model, 1e9, mesh["tp"].get_group())  # too large to clip
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def _round_trip(rank, world, layout_sizes, state_dir):
     """Train one step under a layout, save, reload into a fresh copy: same weights and optimizer
     state, and a consolidated checkpoint that load_checkpoint turns into the same function."""
-    from downscaler.parallel import Layout, build_mesh, parallelize
+    from downscaler.parallel import Layout, build_mesh, parallelize, reduce_gradients
+
+    # D-CHAG splits in_vars + static_vars over tp = 2: two statics make four channels.
+    statics = ["orog", "lsm"] if layout_sizes.get("dchag") else ["orog"]
+
+    def fresh():
+        return build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], statics, embed_dim=32,
+                           num_heads=2, depth=1)
 
     def build():
         torch.manual_seed(0)
-        base = build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], ["orog"], embed_dim=32,
-                           num_heads=2, depth=1)
-        layout = Layout.from_config(layout_sizes)
-        model = parallelize(base, layout, build_mesh(layout, "cpu"))
+        model = parallelize(fresh(), layout, mesh)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
+    layout = Layout.from_config(layout_sizes)
+    mesh = build_mesh(layout, "cpu")
+
     torch.manual_seed(1)
-    x, static, y = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 32, 32), torch.randn(2, 2, 32, 32)
+    x, static = torch.randn(2, 2, 8, 8), torch.randn(2, len(statics), 32, 32)
+    y = torch.randn(2, 2, 32, 32)
     model, opt = build()
     ((model(x, static, 100.0) - y) ** 2).mean().backward()
+    reduce_gradients(model, layout, mesh)  # as the engine does (sums sp's partial gradients)
+    if layout.dchag is not None:
+        _check_dchag_grad_norm(build, mesh, fresh, x, static, y, layout.dchag)
     opt.step()
     ckpt.save_train_state(state_dir, model, opt, {"step": 1}, {"rng": torch.get_rng_state()})
     full = ckpt.full_model_state(model)
-    model2, opt2 = build()
+    dchag = ckpt.dchag_metadata(model)
+    assert dchag == ({"variant": layout_sizes["dchag"], "tp": 2}
+                     if layout_sizes.get("dchag") else None)
+    model2, opt2 = build()  # the initial weights: the trained step must come from the state
     meta, rank_state = ckpt.load_train_state(ckpt.find_train_state(state_dir), model2, opt2)
     assert meta == {"step": 1} and rank_state is not None
     full2 = ckpt.full_model_state(model2)
@@ -216,24 +288,36 @@ def _round_trip(rank, world, layout_sizes, state_dir):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     s1, s2 = get_optimizer_state_dict(model, opt), get_optimizer_state_dict(model2, opt2)
+    assert s1["state"].keys() == s2["state"].keys()
     for key in s1["state"]:
         for name in ("exp_avg", "exp_avg_sq"):
             a, b = s1["state"][key][name], s2["state"][key][name]
             a, b = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (a, b))
             assert torch.equal(a, b), (key, name)
+    # Every rank's own D-CHAG weights came back (not rank 0's copy under the same name).
+    local = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if not hasattr(v, "full_tensor")}
+    for k, v in model2.state_dict().items():
+        if k in local:
+            assert torch.equal(local[k], v), k
+    model.eval()
+    with torch.no_grad():
+        distributed = model(x, static, 100.0)  # collective for tp / sp / D-CHAG
     if rank == 0:
         path = Path(state_dir) / "consolidated.pt"
-        ckpt.write_checkpoint(path, build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], ["orog"],
-                                                embed_dim=32, num_heads=2, depth=1).cfg.__dict__,
-                              full)
-        plain, _ = ckpt.load_checkpoint(path)
-        with torch.no_grad():  # a list: tensors do not travel through the result queue
-            return plain(x, static, 100.0).tolist()
+        ckpt.write_checkpoint(path, fresh().cfg.__dict__, full, dchag=dchag)
+        plain, payload = ckpt.load_checkpoint(path)
+        assert payload["dchag"] == dchag
+        with torch.no_grad():
+            out = plain(x, static, 100.0)
+        torch.testing.assert_close(out, distributed, rtol=0, atol=1e-5)
+        return out.tolist()  # a list: tensors do not travel through the result queue
     return None
 
 
-@pytest.mark.parametrize("layout", [{"dp_replicate": 2}, {"dp_shard": 2}, {"tp": 2}],
-                         ids=["ddp", "fsdp", "tp"])
+@pytest.mark.parametrize("layout", [{"dp_replicate": 2}, {"dp_shard": 2}, {"tp": 2}, {"sp": 2},
+                                    {"tp": 2, "dchag": "linear"}],
+                         ids=["ddp", "fsdp", "tp", "sp", "dchag"])
 def test_checkpoint_round_trip_per_layout(layout, tmp_path):
     parallel = pytest.importorskip("downscaler.parallel")
     out = parallel.spawn(_round_trip, 2, layout, str(tmp_path / "state"), timeout=240)

@@ -10,6 +10,12 @@ Two kinds:
   shards, so FSDP2 and tensor-parallel DTensors are never gathered) or by DeepSpeed's own
   checkpointing, plus the loop's position and each rank's RNG state. It is written under a
   temporary name and renamed into place, so an interruption leaves the previous state intact.
+
+D-CHAG models (``parallel.dchag``) hold per-rank channel weights. Their consolidated checkpoint
+stores the single-process reference form (``parallel.dchag.reference_model``) and
+``dchag: {"variant", "tp"}``, which ``load_checkpoint`` rebuilds; in the resumable state those
+weights (and their optimizer state) go to one file per rank, since torch.distributed.checkpoint
+would keep only one copy of a tensor that has the same name on every rank.
 """
 
 from __future__ import annotations
@@ -57,8 +63,26 @@ def load_checkpoint(path: str | Path) -> tuple[Reslim, dict]:
     except (OSError, RuntimeError) as err:
         raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
     model = Reslim(ReslimConfig(**payload["model_config"]))
+    spec = payload.get("dchag")
+    if spec:
+        # Lazy: D-CHAG is optional; its reference form is a plain Reslim with other submodules.
+        from downscaler.parallel.dchag import reference_model
+
+        model = reference_model(model, int(spec["tp"]), spec["variant"])
     model.load_state_dict(payload["model_state"])
     return model.eval(), payload
+
+
+def dchag_metadata(model: nn.Module) -> dict | None:
+    """``{"variant", "tp"}`` for a model trained with D-CHAG (the checkpoint's ``dchag`` key),
+    None otherwise."""
+    if not dist.is_initialized():  # D-CHAG needs a process group
+        return None
+    try:
+        from downscaler.parallel.dchag import dchag_spec
+    except ImportError:
+        return None
+    return dchag_spec(model)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -83,14 +107,27 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full, unsharded weights on rank 0's CPU (empty dict on other ranks).
 
     Works for a plain model, DDP (the ``module.`` prefix is dropped), FSDP2 and tensor-parallel
-    DTensors (gathered). Collective: every rank must call it.
+    DTensors (gathered). A D-CHAG model gives the state of its single-process reference form
+    (``dchag_metadata`` says which). Collective: every rank must call it.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not dist.is_initialized():
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    if dchag_metadata(model) is None:
+        return state
+    from downscaler.parallel.dchag import PRIVATE_PREFIXES, gather_state
+
+    # The per-rank tokenizer/aggregator entries above are only rank 0's share: replace them by
+    # every rank's, keyed as the reference model's.
+    private = gather_state(model)  # collective over the tp group
+    if _rank() != 0:
+        return {}
+    state = {k: v for k, v in state.items() if not k.startswith(PRIVATE_PREFIXES)}
+    state.update(private)
+    return state
 
 
 def state_paths(state_dir: str | Path) -> tuple[Path, Path]:
@@ -136,7 +173,11 @@ def save_train_state(
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+        private = _pop_private(model, model_sd, optim_sd)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        if private is not None:
+            (tmp / "dchag").mkdir(exist_ok=True)
+            torch.save(_local_copy(private), tmp / "dchag" / f"rank{_rank()}.pt")
     torch.save(rank_state, tmp / "rng" / f"rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -173,14 +214,88 @@ def load_train_state(
 
         optimizers = optimizer if optimizer is not None else []
         model_sd, optim_sd = get_state_dict(model, optimizers)
+        private = _pop_private(model, model_sd, optim_sd)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
+        if private is not None:
+            _load_private(path, private, state["model"], state["optim"])
         set_state_dict(model, optimizers, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
     rng_file = path / "rng" / f"rank{_rank()}.pt"
     rank_state = (torch.load(rng_file, map_location="cpu", weights_only=False)
                   if rng_file.is_file() else None)
     return meta, rank_state
+
+
+def _local_copy(value: Any) -> Any:
+    """A CPU copy of this rank's part of ``value`` (DTensor shards, nested dicts)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        value = value.to_local()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _local_copy(v) for k, v in value.items()}
+    return value
+
+
+def _pop_private(model: nn.Module, model_sd: dict, optim_sd: dict) -> dict | None:
+    """Take the D-CHAG per-rank entries out of the state dicts (in place).
+
+    Returns ``{"world", "model", "optim"}``, the removed entries as they are (tensors of the
+    state dicts, DTensors included), or None for a model without D-CHAG.
+    """
+    if dchag_metadata(model) is None:
+        return None
+    from downscaler.parallel.dchag import PRIVATE_PREFIXES
+
+    optim_state = optim_sd.get("state", {}) if isinstance(optim_sd, dict) else {}
+    model_keys = [k for k in model_sd if k.startswith(PRIVATE_PREFIXES)]
+    optim_keys = [k for k in optim_state if k.startswith(PRIVATE_PREFIXES)]
+    # Each rank's param_groups name its own private parameters; the saved copy is rank 0's.
+    groups = [list(g["params"]) for g in optim_sd.get("param_groups", [])]
+    return {"world": dist.get_world_size(), "groups": groups,
+            "model": {k: model_sd.pop(k) for k in model_keys},
+            "optim": {k: optim_state.pop(k) for k in optim_keys}}
+
+
+@torch.no_grad()
+def _copy_into(dst: Any, src: Any, name: str) -> Any:
+    """``src`` (saved local copy) into the template ``dst`` in place where it is a tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(dst, dict):
+        return {k: _copy_into(dst[k], src[k], f"{name}.{k}") for k in dst}
+    if isinstance(dst, torch.Tensor):
+        local = dst.to_local() if isinstance(dst, DTensor) else dst
+        if local.shape != src.shape:
+            raise RuntimeError(f"D-CHAG state {name} has shape {tuple(src.shape)} but the model "
+                               f"needs {tuple(local.shape)}; resume with the same parallel layout")
+        local.copy_(src)
+        return dst
+    return src
+
+
+def _load_private(path: Path, template: dict, model_sd: dict, optim_sd: dict) -> None:
+    """Put this rank's saved D-CHAG entries back into the loaded state dicts."""
+    file = path / "dchag" / f"rank{_rank()}.pt"
+    saved = torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else None
+    if saved is None or saved["world"] != template["world"]:
+        found = "none" if saved is None else f"one written by {saved['world']} processes"
+        raise RuntimeError(
+            f"the resumable state {path} has no D-CHAG weights for rank {_rank()} of "
+            f"{template['world']} ({found}); D-CHAG weights are per rank, so resume with the "
+            "parallel layout that wrote it, or set train.resume: false")
+    for part, target in (("model", model_sd), ("optim", optim_sd.get("state", {}))):
+        if saved[part].keys() != template[part].keys():
+            raise RuntimeError(f"the D-CHAG {part} state in {file} does not match this model "
+                               "(another variant or layout); resume with the same parallel "
+                               "layout, or set train.resume: false")
+        for key, value in template[part].items():
+            target[key] = _copy_into(value, saved[part][key], key)
+    for group, own in zip(optim_sd.get("param_groups", []), template["groups"], strict=True):
+        group["params"] = own
 
 
 def _fsync_dir(path: Path) -> None:

@@ -248,6 +248,7 @@ class _Parallel:
         par, opts = config.get("parallel", {}), config["train"]
         self.base, self.engine_kind = base, par.get("engine", "torch")
         self.layout = self.mesh = self.ds_engine = None
+        self.tp_group = None  # set for D-CHAG, whose gradient norm needs it
         self.dp_rank, self.dp_size = (dist.get_rank(), world) if world > 1 else (0, 1)
         sizes = resolve_layout(par, world)
         needed = math.prod(sizes[k] for k in ("dp_replicate", "dp_shard", "tp", "sp"))
@@ -256,11 +257,11 @@ class _Parallel:
                 f"config keys parallel.dp_replicate*dp_shard*tp*sp = {needed} but {world} "
                 "process(es) run; set parallel.processes (local) or the srun task count to "
                 f"{needed}, or set parallel.dp_replicate: 0 to fill the rest automatically")
-        if sizes.get("dchag"):
+        if sizes.get("dchag") and world == 1:
             raise ValueError(
-                "config key parallel.dchag is set, but a D-CHAG model has private channel-"
-                "reduction weights that inference (checkpoint.load_checkpoint) cannot rebuild; "
-                "set parallel.dchag: null for models trained by this workflow")
+                f"config key parallel.dchag={sizes['dchag']!r} splits the channels over the "
+                "tensor-parallel group and needs parallel.tp >= 2 processes; set parallel.tp "
+                "and parallel.processes (or the srun task count), or set parallel.dchag: null")
         if self.engine_kind == "deepspeed":
             self._init_deepspeed(config, device, world, sizes)
             return
@@ -282,6 +283,8 @@ class _Parallel:
                                      activation_checkpointing=par.get(
                                          "activation_checkpointing", False))
             self.dp_size = self.layout.dp
+            if self.layout.dchag is not None:
+                self.tp_group = self.mesh["tp"].get_group()
             self.dp_rank = (self.mesh["dp_replicate"].get_local_rank() * self.layout.dp_shard
                             + self.mesh["dp_shard"].get_local_rank())
         elif par.get("activation_checkpointing", False):
@@ -328,7 +331,9 @@ class _Parallel:
             from downscaler.parallel import reduce_gradients
 
             reduce_gradients(self.model, self.layout, self.mesh)
-        if clip > 0:
+        if clip > 0 and self.tp_group is not None:
+            _clip_dchag_grad_norm(self.model, clip, self.tp_group)
+        elif clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
 
@@ -356,6 +361,52 @@ class _Parallel:
         if self.ds_engine is not None:
             return _deepspeed_full_state(self.ds_engine)
         return ckpt.full_model_state(self.model)
+
+    def dchag(self) -> dict | None:
+        """``{"variant", "tp"}`` when the model trains with D-CHAG (stored in the checkpoint,
+        so inference rebuilds the single-process D-CHAG model), else None."""
+        if self.ds_engine is not None:
+            return None
+        return ckpt.dchag_metadata(self.model)
+
+
+@torch.no_grad()
+def _clip_dchag_grad_norm(model: nn.Module, max_norm: float, tp_group: Any) -> float:
+    """``clip_grad_norm_`` for a D-CHAG model: clips by, and returns, the norm of the whole
+    (reference) model's gradient.
+
+    torch's version cannot mix D-CHAG's plain per-rank tensors with DTensors, and would count
+    each rank's private gradients alone: here those are summed over the TP group, and every
+    other gradient (replicated, or a DTensor whose norm covers all its shards) is counted once.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from downscaler.parallel.dchag import is_tp_distinct
+
+    inner = getattr(model, "module", model)
+    shared = torch.zeros((), dtype=torch.float64)
+    distinct = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for name, p in inner.named_parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32) ** 2
+        if isinstance(sq, DTensor):  # reduced over the parameter's own mesh
+            sq = sq.full_tensor()
+        if is_tp_distinct(name):
+            distinct += sq.double().cpu()
+        else:
+            shared += sq.double().cpu()
+    device = grads[0].device if grads else torch.device("cpu")
+    distinct = distinct.to(device)
+    dist.all_reduce(distinct, group=tp_group)
+    total = float((shared.to(device) + distinct).sqrt())
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
 
 
 def _deepspeed_full_state(engine: Any) -> dict[str, torch.Tensor]:
@@ -605,7 +656,7 @@ class _Loop:
                 statics=self.statics, stats=self.attrs["stats"], tiling=tiling,
                 res_km=self.res_km, config=self.config,
                 epoch=math.ceil(self.step / self.steps_per_epoch), step=self.step,
-                val_loss=val_loss)
+                val_loss=val_loss, dchag=self.par.dchag())
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict:

@@ -61,13 +61,19 @@ __all__ = [
     "DchagReference",
     "DchagTokenizer",
     "apply_dchag",
+    "PRIVATE_PREFIXES",
     "channel_blocks",
+    "dchag_spec",
     "gather_state",
+    "is_tp_distinct",
     "load_partition",
+    "reference_model",
     "reference_reslim",
 ]
 
 VARIANTS = ("linear", "cross")
+# State-dict prefixes of the modules apply_dchag replaces: per-rank (not replicated) weights.
+PRIVATE_PREFIXES = ("tokenizer.", "aggregator.")
 
 
 # --------------------------------------------------------------------------- channel partition
@@ -498,6 +504,33 @@ def reference_reslim(model: Reslim, reference: DchagReference) -> Reslim:
     twin.tokenizer = copy.deepcopy(reference.tokenizer)
     twin.aggregator = copy.deepcopy(reference.aggregator)
     return twin
+
+
+def reference_model(model: Reslim, tp: int, variant: str) -> Reslim:
+    """The single-process Reslim with the D-CHAG maths of ``apply_dchag`` on ``tp`` ranks.
+
+    Used to rebuild a consolidated D-CHAG checkpoint: its state dict has the keys of
+    ``gather_state`` (plus the replicated Reslim weights).
+    """
+    return reference_reslim(model, DchagReference.from_model(model, tp, variant))
+
+
+def is_tp_distinct(name: str) -> bool:
+    """Whether parameter ``name`` (of the unwrapped model) holds different values on each TP rank
+    after ``apply_dchag``: the private partition and the head shards of the final aggregation
+    (``query`` and ``proj_bias`` are replicated). A global gradient norm sums these over TP."""
+    return name.startswith(
+        ("tokenizer.partition.", "aggregator.q.", "aggregator.kv.", "aggregator.proj.")
+    )
+
+
+def dchag_spec(model: nn.Module) -> dict[str, Any] | None:
+    """``{"variant", "tp"}`` of a model after ``apply_dchag`` (through wrappers), else None."""
+    try:
+        tok, _ = _dchag_modules(model)
+    except TypeError:
+        return None
+    return {"variant": tok.partition.variant, "tp": dist.get_world_size(tok.group)}
 
 
 def _dchag_modules(model: nn.Module) -> tuple[DchagTokenizer, DchagAggregator]:

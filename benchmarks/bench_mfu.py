@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import pick_device, print_table, sync, time_fn
+from common import model_config, pick_device, print_table, random_batch, sync, time_fn
 from common import write_results as save
 from downscaler.model.presets import PRESETS
-from downscaler.model.reslim import Reslim, ReslimConfig
+from downscaler.model.reslim import Reslim
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-IN_VARS, OUT_VARS, STATICS = ["t2m", "tp", "u10", "v10"], ["t2m", "tp"], ["orog", "lsm"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -53,13 +52,10 @@ def measure(
 ) -> dict[str, Any]:
     """FLOPs and time of one training step of ``preset`` on ``size x size`` coarse inputs."""
     torch.manual_seed(0)
-    cfg = ReslimConfig(IN_VARS, OUT_VARS, STATICS, **PRESETS[preset])
+    cfg = model_config(preset)
     model = Reslim(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
-    fine = size * cfg.mag
-    x = torch.randn(batch, len(IN_VARS), size, size, device=device)
-    static = torch.randn(batch, len(STATICS), fine, fine, device=device)
-    y = torch.randn(batch, len(OUT_VARS), fine, fine, device=device)
+    x, static, y = random_batch(cfg, batch, size, device)
 
     def fwd_bwd() -> None:
         with autocast(device, dtype):

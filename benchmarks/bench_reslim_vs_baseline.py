@@ -17,13 +17,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import PeakMemory, fmt_bytes, pick_device, print_table, run_isolated, time_fn
+from common import (
+    PeakMemory,
+    fmt_bytes,
+    model_config,
+    pick_device,
+    print_table,
+    random_batch,
+    run_isolated,
+    time_fn,
+)
 from common import write_results as save
 from downscaler.model.baseline import UpsampleViT
 from downscaler.model.presets import PRESETS
-from downscaler.model.reslim import Reslim, ReslimConfig
-
-IN_VARS, OUT_VARS, STATICS = ["t2m", "tp", "u10", "v10"], ["t2m", "tp"], ["orog", "lsm"]
+from downscaler.model.reslim import Reslim
 
 
 def run_case(
@@ -33,13 +40,10 @@ def run_case(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
-    cfg = ReslimConfig(IN_VARS, OUT_VARS, STATICS, **PRESETS[preset])
+    cfg = model_config(preset)
     model = (Reslim if kind == "reslim" else UpsampleViT)(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
-    fine = size * cfg.mag
-    x = torch.randn(batch, len(IN_VARS), size, size, device=dev)
-    static = torch.randn(batch, len(STATICS), fine, fine, device=dev)
-    y = torch.randn(batch, len(OUT_VARS), fine, fine, device=dev)
+    x, static, y = random_batch(cfg, batch, size, dev)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -19,13 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import pick_device, print_table, sync, time_fn
+from common import IN_VARS, OUT_VARS, STATICS, model_config, pick_device, print_table, sync, time_fn
 from common import write_results as save
 from downscaler.model.presets import PRESETS
-from downscaler.model.reslim import Reslim, ReslimConfig
+from downscaler.model.reslim import Reslim
 from downscaler.tiling import tile as tile_array
-
-IN_VARS, OUT_VARS, STATICS = ["t2m", "tp", "u10", "v10"], ["t2m", "tp"], ["orog", "lsm"]
 
 
 def make_inputs(
@@ -60,7 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dev = pick_device(args.device)
     torch.manual_seed(0)
-    cfg = ReslimConfig(IN_VARS, OUT_VARS, STATICS, **PRESETS[args.preset])
+    cfg = model_config(args.preset)
     model = Reslim(cfg).to(dev)
     if (args.tile + 2 * args.halo) % cfg.patch_size:
         raise SystemExit(f"--tile + 2*--halo must be divisible by patch_size={cfg.patch_size}")

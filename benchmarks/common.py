@@ -29,6 +29,27 @@ from typing import Any
 
 import torch
 from downscaler.io import write_json
+from downscaler.model.presets import PRESETS
+from downscaler.model.reslim import ReslimConfig
+
+# The variables every model benchmark uses: 4 coarse inputs, 2 fine outputs, 2 fine statics.
+IN_VARS, OUT_VARS, STATICS = ["t2m", "tp", "u10", "v10"], ["t2m", "tp"], ["orog", "lsm"]
+
+
+def model_config(preset: str) -> ReslimConfig:
+    """The benchmark variables at the size of `preset`."""
+    return ReslimConfig(IN_VARS, OUT_VARS, STATICS, **PRESETS[preset])
+
+
+def random_batch(
+    cfg: ReslimConfig, batch: int, size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, static, y) of random values: `size x size` coarse inputs and their fine grids."""
+    fine = size * cfg.mag
+    x = torch.randn(batch, len(cfg.in_vars), size, size, device=device)
+    static = torch.randn(batch, len(cfg.static_vars), fine, fine, device=device)
+    y = torch.randn(batch, len(cfg.out_vars), fine, fine, device=device)
+    return x, static, y
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

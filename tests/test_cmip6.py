@@ -19,14 +19,16 @@ LON = np.array([0.0, 120.0, 240.0])  # CMIP6 grids run 0..360
 def write_cmip6(root: Path, source: str, variable: str, table: str, calendar: str,
                 start: tuple[int, int, int], days: int, units: str, version: str = "20190429",
                 scale: float = 1.0) -> Path:
-    """Write one daily CMIP6 file in the DRS layout: value = scale * (day index + 1)."""
+    """Write one daily CMIP6 file in the DRS layout: value = scale * (day index + 1), plus
+    250 for temperatures in K (plausible values: the reader checks them)."""
     first = cftime.datetime(*start, 12, calendar=calendar)
     times = [first + pd.Timedelta(days=i).to_pytimedelta() for i in range(days)]
     t0, t1 = times[0], times[-1]
     time_range = f"{t0.year:04d}{t0.month:02d}{t0.day:02d}-{t1.year:04d}{t1.month:02d}{t1.day:02d}"
     path = esgf_path(root, "CMIP", "INST", source, "historical", "r1i1p1f1", table, variable,
                      "gn", version, time_range=time_range)
-    values = scale * (np.arange(days, dtype="f8") + 1)[:, None, None] * np.ones((1, 3, 3))
+    offset = 250.0 if units == "K" else 0.0
+    values = offset + scale * (np.arange(days, dtype="f8") + 1)[:, None, None] * np.ones((1, 3, 3))
     ds = xr.Dataset(
         {variable: (("time", "lat", "lon"), values.astype("f4"), {"units": units}),
          "time_bnds": (("time", "bnds"), np.zeros((days, 2)))},
@@ -80,7 +82,8 @@ def test_noleap_files_found_opened_and_aligned_by_date(tmp_path):
     assert list(days.strftime("%m-%d")) == ["02-25", "02-26", "02-27", "02-28", "03-01",
                                             "03-02", "03-03"]
     t2m = fields["t2m"].isel(lat=0, lon=0).values
-    np.testing.assert_allclose(t2m, [1, 2, 3, 4, 10, 20, 30])  # values stay on their dates
+    # values stay on their dates
+    np.testing.assert_allclose(t2m, 250 + np.array([1, 2, 3, 4, 10, 20, 30]))
     assert fields["t2m"].attrs["units"] == "K"
     assert list(fields["lon"].values) == [-120.0, 0.0, 120.0]
     assert "height" not in fields.variables and "time_bnds" not in fields.variables

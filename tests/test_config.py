@@ -31,7 +31,8 @@ def test_every_schema_key_has_a_description():
     [
         (lambda c: c.update(trian={}), r"unknown key\(s\) \['trian'\]"),
         (lambda c: c["train"].update(epochs=0), r"train\.epochs: 0 is less than the minimum"),
-        (lambda c: c.update(variables=["2m_temp"]), r"variables\.0: '2m_temp' is not one of"),
+        (lambda c: c["targets"].update(variables=["2m_temp"]),
+         r"targets\.variables\.0: unknown variable '2m_temp'; valid choices: \["),
         (lambda c: c["period"].update(end="1999-01-01"), "period: end 1999-01-01 is before"),
         (lambda c: c["period"].update(start="2000-13-01"), "period.start"),
         (lambda c: c["split"]["test"].update(end="2003-01-01"), "split.test: .* not inside"),
@@ -39,7 +40,7 @@ def test_every_schema_key_has_a_description():
         (lambda c: c["region"].update(south=50.0), "south must be less than north"),
         (lambda c: c["tiles"].update(div_lat=16), "tiles .*try div_lat in"),
         (lambda c: c["tiles"].update(div_lat=3), r"valid div_lat: \[1, 2, 4, 8, 16\]"),
-        (lambda c: c.update(resolution=0.3), "not a multiple of resolution"),
+        (lambda c: c["targets"].update(resolution=0.3), "not a multiple of targets.resolution"),
         (lambda c: c["model"].update(num_heads=3), "embed_dim 64 is not divisible by num_heads"),
     ],
 )

@@ -31,6 +31,9 @@ SPLIT = {
 
 def test_pairs_are_exactly_nested_and_carry_statics():
     fields, static = random_fields(n_lat=18, n_lon=26)
+    with pytest.raises(ValueError, match=r"regrid.factor: 4 does not divide the 18x26 target"):
+        make_pairs(fields, static, factor=4)  # never cropped silently (issue 18 item 3)
+    fields, static = random_fields(n_lat=16, n_lon=24)
     fine, coarse = make_pairs(fields, static, factor=4)
     assert (fine.sizes["lat"], fine.sizes["lon"]) == (16, 24)
     assert (coarse.sizes["lat"], coarse.sizes["lon"]) == (4, 6)
@@ -187,7 +190,9 @@ def test_write_pairs_streams_all_outputs(tmp_path):
                   "scheduler": "synchronous"}
     paths = [str(tmp_path / n) for n in ("fine.nc", "coarse.nc", "stats.json")]
     names = ["t2m", "tp", "orog", "lsm", "latitude"]
-    stats = write_pairs(fields.chunk({"time": 2}), static, regrid_cfg, SPLIT, names, *paths)
+    roles = {"inputs": ["t2m", "tp"], "targets": ["t2m", "tp"], "calendar": [],
+             "statics": ["orog", "lsm", "latitude"]}
+    stats = write_pairs(fields.chunk({"time": 2}), static, regrid_cfg, SPLIT, roles, *paths)
     fine, coarse = make_pairs(fields, static, factor=4)
     expected = compute_stats(split_by_time(fine, SPLIT)["train"], names)
     for name in names:
@@ -197,7 +202,7 @@ def test_write_pairs_streams_all_outputs(tmp_path):
     with xr.open_dataset(paths[1]) as on_disk:
         xr.testing.assert_allclose(on_disk.load(), coarse)
     with pytest.raises(ValueError, match="regrid.scheduler must be one of"):
-        write_pairs(fields, static, {**regrid_cfg, "scheduler": "mpi"}, SPLIT, names, *paths)
+        write_pairs(fields, static, {**regrid_cfg, "scheduler": "mpi"}, SPLIT, roles, *paths)
 
 
 def test_scheduler_selection():

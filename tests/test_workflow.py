@@ -19,9 +19,9 @@ BIN = Path(sys.executable).parent
 
 TINY = {
     "seed": 3,
-    "source": "synthetic",
+    "targets": {"source": "synthetic", "resolution": 0.5},  # 16 x 32 fine cells
+    "inputs": {"source": "coarsened"},  # -> 4 x 8 coarse cells
     "region": {"south": 40.0, "north": 48.0, "west": 0.0, "east": 16.0},
-    "resolution": 0.5,  # 16 x 32 fine cells -> 4 x 8 coarse cells
     "period": {"start": "2000-01-01", "end": "2000-02-29"},
     "split": {
         "train": {"start": "2000-01-01", "end": "2000-02-09"},
@@ -128,8 +128,7 @@ def test_workflow_is_lint_and_format_clean():
 def test_era5_source_end_to_end_against_fake_cds(tmp_path, fake_cds):  # noqa: F811
     config = copy.deepcopy(TINY)
     config.update(
-        source="era5",
-        resolution=1.0,  # ERA5 points 40..48 x 0..16 -> cropped to 8 x 16, coarse 4 x 8
+        targets={"source": "era5", "resolution": 1.0},  # ERA5 points 40..48 x 0..16 -> 8 x 16
         period={"start": "2000-01-01", "end": "2000-01-21"},
         split={"train": {"start": "2000-01-01", "end": "2000-01-14"},
                "val": {"start": "2000-01-15", "end": "2000-01-17"},
@@ -151,7 +150,8 @@ def test_era5_source_end_to_end_against_fake_cds(tmp_path, fake_cds):  # noqa: F
 
 
 def test_local_source_reads_cds_style_files(tmp_path):
-    from downscaler.sources.prepare import load_training_source
+    from downscaler.config import validate_config
+    from downscaler.sources.prepare import load_targets
     from downscaler.sources.synthetic import generate
 
     region = {"south": 40.0, "north": 44.0, "west": 0.0, "east": 4.0}
@@ -165,20 +165,25 @@ def test_local_source_reads_cds_style_files(tmp_path):
     cds = cds.assign_coords(longitude=cds["longitude"] % 360)
     cds.to_netcdf(tmp_path / "fields.nc")
     static.to_netcdf(tmp_path / "static.nc")
-    config = {"source": "local", "variables": ["2m_temperature", "total_precipitation"],
-              "region": region, "resolution": 0.5,
-              "period": {"start": "2000-01-02", "end": "2000-01-04"},
-              "local": {"paths": [str(tmp_path / "fields.nc")],
-                        "static_paths": [str(tmp_path / "static.nc")]}}
-    got, got_static = load_training_source(config, tmp_path / "raw")
+    period = {"start": "2000-01-02", "end": "2000-01-04"}
+    config = validate_config({
+        "targets": {"source": "local", "variables": ["2m_temperature", "total_precipitation"],
+                    "resolution": 0.5, "paths": [str(tmp_path / "fields.nc")]},
+        "static_paths": [str(tmp_path / "static.nc")], "statics": ["orography"],
+        "region": region, "period": period, "regrid": {"factor": 2},
+        "split": {name: {"start": f"2000-01-0{d}", "end": f"2000-01-0{d}"}
+                  for name, d in (("train", 2), ("val", 3), ("test", 4))},
+        "tiles": {"div_lat": 1, "div_lon": 1, "halo": 0}})
+    got, got_static = load_targets(config, tmp_path / "raw")
     assert got.sizes == {"time": 3, "lat": 8, "lon": 8}
     np.testing.assert_allclose(got["t2m"], fields["t2m"].isel(time=slice(1, 4)), rtol=1e-6)
     np.testing.assert_allclose(got["tp"], fields["tp"].isel(time=slice(1, 4)), rtol=1e-4,
                                atol=1e-4)
     np.testing.assert_allclose(got_static["orog"], static["orog"])
-    config["resolution"] = 0.25
-    with pytest.raises(ValueError, match="set resolution: 0.5"):
-        load_training_source(config, tmp_path / "raw")
+    assert list(got_static.data_vars) == ["orog"]  # only the statics asked for
+    config["targets"]["resolution"] = 0.25
+    with pytest.raises(ValueError, match="set targets.resolution: 0.5"):
+        load_targets(config, tmp_path / "raw")
 
 
 def test_cmip6_from_the_cds_through_the_real_client(tmp_path, fake_cds):  # noqa: F811
@@ -187,7 +192,7 @@ def test_cmip6_from_the_cds_through_the_real_client(tmp_path, fake_cds):  # noqa
     spec = {"source": "cmip6", "provider": "cds", "source_id": "MPI-ESM1-2-LR",
             "experiment": "ssp245", "member": "r1i1p1f1", "table": "day",
             "period": {"start": "2050-01-01", "end": "2050-01-31"}}
-    config = {"variables": ["2m_temperature"], "region": TINY["region"],
+    config = {"inputs": {"variables": ["2m_temperature"]}, "region": TINY["region"],
               "period": spec["period"], "era5": {"retries": 1, "retry_wait_s": 0.01}}
     ds = open_inference_input(spec, config, tmp_path / "raw")
     assert list(ds.data_vars) == ["t2m"] and ds.sizes["time"] == 31

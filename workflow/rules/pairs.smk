@@ -1,10 +1,11 @@
-# Stage 2: conservative coarsening into (coarse input, fine target) pairs; train-only statistics.
+# Stage 2: (coarse input, fine target) pairs: the inputs conservatively onto the coarse grid
+# (k x k blocks of the target grid), the targets and statics on the fine grid, train-only
+# statistics and the lists of inputs / targets / statics (results/pairs/stats.json).
 
 
 rule pairs:
     input:
-        fields="results/raw/fields.nc",
-        static="results/raw/static.nc",
+        unpack(pairs_inputs),
     output:
         fine="results/pairs/fine.nc",
         coarse="results/pairs/coarse.nc",
@@ -16,7 +17,9 @@ rule pairs:
     conda:
         "../../envs/cpu.yaml"
     params:
-        cfg=stage_config("variables", "statics", "regrid", "split"),
+        cfg=stage_config("inputs", "targets", "statics", "frequency", "regrid", "split"),
+        inputs=lambda wildcards, input: input.get("inputs", "none"),
     shell:
-        "python -m downscaler.cli pairs --config {params.cfg:q} --fields {input.fields} --static {input.static}"
-        " --fine {output.fine} --coarse {output.coarse} --stats {output.stats} > {log} 2>&1"
+        "python -m downscaler.cli pairs --config {params.cfg:q} --fields {input.fields}"
+        " --inputs {params.inputs} --static {input.static} --fine {output.fine}"
+        " --coarse {output.coarse} --stats {output.stats} > {log} 2>&1"

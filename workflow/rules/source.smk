@@ -1,17 +1,19 @@
-# Stage 1: high-resolution fields and statics in canonical form (results/raw/), from the
-# configured source: synthetic demo data, ERA5 from the Climate Data Store, or local files.
-# ERA5 answers land in era5.raw_dir first (one file per request), so a re-run resumes.
+# Stage 1: canonical data in results/raw/: the targets and the requested statics on the fine
+# grid (rule source), and the inputs on their own grid unless they are the coarsened targets
+# (rule source_inputs). ERA5 answers land in era5.raw_dir first (one file per request), so a
+# re-run resumes.
 
 SOURCE_KEYS = [
     "seed",
-    "source",
-    "variables",
+    "targets",
+    "statics",
+    "static_paths",
     "region",
     "period",
     "frequency",
-    "resolution",
+    "coverage",
 ]
-SOURCE_KEYS += {"era5": ["era5"], "local": ["local"]}.get(config["source"], [])
+SOURCE_KEYS += ["era5"] if config["targets"]["source"] == "era5" else []
 
 
 rule source:
@@ -30,6 +32,27 @@ rule source:
     shell:
         "python -m downscaler.cli source --config {params.cfg:q} --raw-dir {params.raw_dir}"
         " --fields {output.fields} --static {output.static} > {log} 2>&1"
+
+
+INPUT_KEYS = ["seed", "inputs", "targets", "region", "period", "frequency", "coverage"]
+INPUT_KEYS += ["era5"] if config["inputs"]["source"] == "era5" else []
+
+
+rule source_inputs:
+    output:
+        "results/raw/inputs.nc",
+    log:
+        "logs/source_inputs.log",
+    benchmark:
+        "results/benchmarks/source_inputs.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    params:
+        cfg=stage_config(*INPUT_KEYS),
+        raw_dir=config["era5"]["raw_dir"],
+    shell:
+        "python -m downscaler.cli source_inputs --config {params.cfg:q}"
+        " --raw-dir {params.raw_dir} --out {output} > {log} 2>&1"
 
 
 # Other data to downscale (CMIP6 runs, local files), on the model's coarse grid.

@@ -17,7 +17,7 @@ rule tiles:
     conda:
         "../../envs/cpu.yaml"
     params:
-        cfg=stage_config("variables", "statics", "split", "tiles"),
+        cfg=stage_config("inputs", "targets", "statics", "frequency", "split", "tiles"),
     shell:
         "python -m downscaler.cli tiles --config {params.cfg:q} --fine {input.fine} --coarse {input.coarse}"
         " --stats {input.stats} --split {wildcards.split} --out {output} > {log} 2>&1"

@@ -16,26 +16,44 @@ import sys
 import xarray as xr
 
 from downscaler.io import read_json, write_netcdf
-from downscaler.variables import short_names
+from downscaler.variables import calendar_names, short_names
 
 
 def source(args, config: dict) -> None:
-    from downscaler.sources.prepare import load_training_source
+    from downscaler.sources.prepare import load_targets
 
-    fields, static = load_training_source(config, args.raw_dir)
+    fields, static = load_targets(config, args.raw_dir)
     write_netcdf(static, args.static)
     write_netcdf(fields, args.fields)
 
 
+def source_inputs(args, config: dict) -> None:
+    from downscaler.sources.prepare import load_inputs
+
+    write_netcdf(load_inputs(config, args.raw_dir), args.out)
+
+
 def prepare_input(args, config: dict) -> None:
+    from downscaler.pairs import calendar_features
     from downscaler.sources.prepare import open_inference_input, to_model_grid
 
     spec = config["inference_inputs"][args.name]
     with xr.open_dataset(args.coarse) as coarse:
         grid = coarse[["lat", "lon"]].load()
     ds = to_model_grid(open_inference_input(spec, config, args.raw_dir), grid)
+    if config["inputs"]["calendar"]:
+        ds = xr.merge([ds, calendar_features(ds["time"].values,
+                                             calendar_names(config["frequency"]), ds)])
     ds.attrs.update(source=f"inference input {args.name!r}: {json.dumps(spec, sort_keys=True)}")
     write_netcdf(ds, args.out)
+
+
+def stage_names(config: dict) -> dict[str, list[str]]:
+    """Short names of the model inputs (calendar features included), targets and statics."""
+    calendar = calendar_names(config["frequency"]) if config["inputs"]["calendar"] else []
+    return {"inputs": short_names(config["inputs"]["variables"]) + calendar,
+            "targets": short_names(config["targets"]["variables"]),
+            "statics": short_names(config["statics"]), "calendar": calendar}
 
 
 def pairs(args, config: dict) -> None:
@@ -43,22 +61,26 @@ def pairs(args, config: dict) -> None:
 
     # dask chunks along time only: each chunk is regridded and written on its own
     chunk = {"time": config["regrid"]["time_chunk"]}
+    inputs = None
+    if args.inputs != "none":
+        inputs = xr.open_dataset(args.inputs, chunks=chunk)
     with xr.open_dataset(args.fields, chunks=chunk) as fields, xr.open_dataset(args.static) as st:
-        names = short_names(config["variables"]) + short_names(config["statics"])
-        write_pairs(fields, st, config["regrid"], config["split"], names, args.fine,
-                    args.coarse, args.stats)
+        write_pairs(fields, st, config["regrid"], config["split"], stage_names(config),
+                    args.fine, args.coarse, args.stats, inputs=inputs)
+    if inputs is not None:
+        inputs.close()
 
 
 def tiles(args, config: dict) -> None:
     from downscaler.pairs import split_by_time
     from downscaler.tiles_store import write_tiles
 
+    names = stage_names(config)
     with xr.open_dataset(args.fine) as fine, xr.open_dataset(args.coarse) as coarse:
         fine_part = split_by_time(fine, {args.split: config["split"][args.split]})[args.split]
         coarse_part = coarse.sel(time=fine_part["time"])
-        write_tiles(fine_part, coarse_part, short_names(config["variables"]),
-                    short_names(config["statics"]), read_json(args.stats), config["tiles"],
-                    args.out)
+        write_tiles(fine_part, coarse_part, names["targets"], names["statics"],
+                    read_json(args.stats), config["tiles"], args.out, inputs=names["inputs"])
 
 
 def train(args, config: dict) -> None:
@@ -150,8 +172,9 @@ def scaling(args, config: dict) -> None:
 
 STAGES = {
     "source": (source, ["raw_dir", "fields", "static"]),
+    "source_inputs": (source_inputs, ["raw_dir", "out"]),
     "prepare_input": (prepare_input, ["name", "raw_dir", "coarse", "out"]),
-    "pairs": (pairs, ["fields", "static", "fine", "coarse", "stats"]),
+    "pairs": (pairs, ["fields", "inputs", "static", "fine", "coarse", "stats"]),
     "tiles": (tiles, ["fine", "coarse", "stats", "split", "out"]),
     "train": (train, ["train", "val", "checkpoint", "log"]),
     "infer": (infer, ["checkpoint", "architecture", "coarse", "fine", "split", "out"]),

@@ -15,6 +15,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from downscaler.variables import variable
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 
@@ -30,6 +32,9 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Return a copy of `config` with defaults filled in; raise ConfigError if it is invalid."""
     schema = schema or load_schema()
     config = copy.deepcopy(config)
+    _check_old_keys(config)
+    # only weights the user wrote are checked: the schema default names the demo's variables
+    given_weights = dict((config.get("train") or {}).get("variable_weights") or {})
     _fill_defaults(config, schema, schema)
     validator = jsonschema.Draft202012Validator(
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
@@ -38,7 +43,43 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     if errors:
         raise ConfigError(_describe(errors[0], schema))
     _check_semantics(config)
+    _check_weights(config, given_weights)
+    _derive(config)
     return config
+
+
+# Flat keys of the single-dataset configuration, replaced by the `targets` / `inputs` blocks.
+OLD_KEYS = {
+    "source": "targets.source (and inputs.source: coarsened for the old behaviour)",
+    "resolution": "targets.resolution",
+    "local": "targets.paths (and static_paths for local.static_paths)",
+}
+
+
+def _check_old_keys(config: dict) -> None:
+    """The flat keys of the old single-dataset config stop with the new keys to use."""
+    old = {k: v for k, v in OLD_KEYS.items() if k in config}
+    targets = (config.get("targets") or {}).get("variables")
+    if "variables" in config and config["variables"] != targets:
+        old["variables"] = "targets.variables (and inputs.variables)"
+    if old:
+        moves = "; ".join(f"{k} -> {v}" for k, v in old.items())
+        raise ConfigError(
+            f"config keys {sorted(old)} are no longer used: inputs and targets are configured "
+            f"separately ({moves}). Example: targets: {{source: local, variables: "
+            "[2m_temperature], resolution: 0.25, paths: [...]}, inputs: {source: coarsened} "
+            "(README, 'Bring your own data')"
+        )
+
+
+def _derive(config: dict) -> None:
+    """Keys filled from others: the rules read `variables` (the targets) and inputs.variables."""
+    config["variables"] = list(config["targets"]["variables"])
+    if not config["inputs"]["variables"]:
+        config["inputs"]["variables"] = list(config["targets"]["variables"])
+    if not config["inputs"]["resolution"]:
+        coarse = config["targets"]["resolution"] * config["regrid"]["factor"]
+        config["inputs"]["resolution"] = coarse
 
 
 def _fill_defaults(node: Any, schema: dict, root: dict) -> None:
@@ -115,9 +156,44 @@ def _check_semantics(config: dict) -> None:
     _check_grid(config)
 
 
+def _check_variables(config: dict) -> None:
+    for part in ("targets", "inputs"):
+        for i, name in enumerate(config[part]["variables"]):
+            try:
+                variable(name)
+            except KeyError as err:
+                raise ConfigError(f"config key {part}.variables.{i}: {err.args[0]}") from None
+    inputs, targets = config["inputs"], config["targets"]
+    if inputs["source"] == "coarsened":
+        extra = [v for v in inputs["variables"] if v not in targets["variables"]]
+        if extra:
+            raise ConfigError(
+                f"config key inputs.variables: {extra} are not target variables, so source "
+                "coarsened cannot make them; add them to targets.variables or choose another "
+                "inputs.source (synthetic, era5, local)"
+            )
+
+
+def _check_weights(config: dict, weights: dict) -> None:
+    """A weight for a name that is not a target would silently weigh nothing (a typo)."""
+    outputs = config["targets"]["variables"]
+    unknown = sorted(set(weights) - set(outputs))
+    if unknown:
+        raise ConfigError(
+            f"config key train.variable_weights: {unknown} are not target variables; valid "
+            f"names: {sorted(outputs)}"
+        )
+
+
 def _check_sources(config: dict) -> None:
-    if config["source"] == "local" and not config["local"]["paths"]:
-        raise ConfigError("config key local.paths: source local needs files or glob patterns")
+    _check_variables(config)
+    for part in ("targets", "inputs"):
+        if config[part]["source"] == "local" and not config[part]["paths"]:
+            raise ConfigError(f"config key {part}.paths: source local needs files or glob "
+                              "patterns")
+    if config["inputs"]["source"] == "synthetic" and config["targets"]["source"] != "synthetic":
+        raise ConfigError("config key inputs.source: synthetic inputs come from the synthetic "
+                          "world of the targets; set targets.source: synthetic too")
     needs = {"cmip6": {"local": ["root", "source_id", "experiment"],
                        "esgf": ["source_id", "experiment"],
                        "cds": ["source_id", "experiment"]},
@@ -132,14 +208,15 @@ def _check_sources(config: dict) -> None:
 
 
 def grid_shape(config: dict) -> tuple[int, int]:
-    """Fine grid size (lat, lon) implied by region and resolution."""
-    region, res = config["region"], config["resolution"]
+    """Fine grid size (lat, lon) implied by region and targets.resolution."""
+    region, res = config["region"], config["targets"]["resolution"]
     shape = []
     for lo, hi in ((region["south"], region["north"]), (region["west"], region["east"])):
         cells = (hi - lo) / res
         if abs(cells - round(cells)) > 1e-6:
             raise ConfigError(
-                f"config key region: extent {hi - lo} deg is not a multiple of resolution {res}"
+                f"config key region: extent {hi - lo} deg is not a multiple of "
+                f"targets.resolution {res}"
             )
         shape.append(round(cells))
     return shape[0], shape[1]
@@ -154,6 +231,7 @@ def _check_grid(config: dict) -> None:
     coarse = (fine[0] // factor, fine[1] // factor)
     if min(coarse) < 1:
         raise ConfigError(f"config key regrid.factor: {factor} is larger than the grid {fine}")
+    _check_factor_divides(config, fine, factor)
     model = {**PRESETS[config["model"]["preset"]], **config["model"]}
     tiles = config["tiles"]
     try:
@@ -161,8 +239,47 @@ def _check_grid(config: dict) -> None:
                      model["patch_size"])
     except ValueError as err:
         raise ConfigError(f"config key tiles (coarse grid {coarse[0]}x{coarse[1]}): {err}") from err
+    _check_halo(coarse, tiles)
     if model["embed_dim"] % model["num_heads"]:
         raise ConfigError(
             f"config key model: embed_dim {model['embed_dim']} is not divisible by "
             f"num_heads {model['num_heads']}"
+        )
+
+
+def _check_factor_divides(config: dict, fine: tuple[int, int], factor: int) -> None:
+    """k must divide the fine grid: a remainder would be cropped, shrinking the region."""
+    if fine[0] % factor == 0 and fine[1] % factor == 0:
+        return
+    region, res = config["region"], config["targets"]["resolution"]
+    factors = [k for k in range(2, min(fine) + 1) if fine[0] % k == 0 and fine[1] % k == 0]
+    nearest = sorted(factors, key=lambda k: (abs(k - factor), k))[:3]
+    north = region["south"] + (fine[0] // factor) * factor * res
+    east = region["west"] + (fine[1] // factor) * factor * res
+    north_up = region["south"] + -(-fine[0] // factor) * factor * res
+    east_up = region["west"] + -(-fine[1] // factor) * factor * res
+    raise ConfigError(
+        f"config key regrid.factor: {factor} does not divide the {fine[0]}x{fine[1]} target "
+        f"grid (region {region}, targets.resolution {res}); the coarse grid would drop cells. "
+        f"Choose regrid.factor in {sorted(nearest)}, or a region whose extent is a multiple of "
+        f"{factor * res:g} deg, e.g. north {north:g} or {north_up:g}, east {east:g} or {east_up:g}"
+    )
+
+
+def halo_cost(tile_shape: tuple[int, int], halo: int) -> float:
+    """Tokens (pixels) per tile with the halo over without it: the extra compute a halo costs."""
+    h, w = tile_shape
+    return (h + 2 * halo) * (w + 2 * halo) / (h * w)
+
+
+def _check_halo(coarse: tuple[int, int], tiles: dict) -> None:
+    """A halo wider than the tile itself costs more than it helps: refuse it, naming the cost."""
+    h, w = coarse[0] // tiles["div_lat"], coarse[1] // tiles["div_lon"]
+    halo = tiles["halo"]
+    if halo > min(h, w):
+        raise ConfigError(
+            f"config key tiles.halo: {halo} coarse pixels is wider than the {h}x{w} tiles; each "
+            f"tile would carry {halo_cost((h, w), halo):.1f}x the tokens of its core (halo "
+            f"{min(h, w)} costs {halo_cost((h, w), min(h, w)):.1f}x). Use a halo of at most "
+            f"{min(h, w)} (ORBIT-2 uses a few pixels), or fewer tiles (smaller div_lat/div_lon)"
         )

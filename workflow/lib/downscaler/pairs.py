@@ -11,14 +11,16 @@ period only and are applied identically at inference:
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from downscaler.compute import compute, dask_scheduler, store_netcdf
 from downscaler.io import atomic_path, write_json
-from downscaler.regrid import coarsen_conservative, crop_to_multiple, normalise_grid
+from downscaler.regrid import coarsen_conservative, normalise_grid, regrid
 from downscaler.variables import BY_SHORT_NAME
 
 PRECIP_THRESHOLD = 0.25  # mm/day; at or below counts as dry before the log transform
+DAYS_PER_YEAR = 365.2425
 
 
 def add_latitude_static(static: xr.Dataset) -> xr.Dataset:
@@ -30,27 +32,98 @@ def add_latitude_static(static: xr.Dataset) -> xr.Dataset:
     )
 
 
+def calendar_features(times: np.ndarray, names: list[str], grid: xr.Dataset) -> xr.Dataset:
+    """sin/cos of the hour of day and of the day of year, the same in every cell of `grid`."""
+    index = pd.DatetimeIndex(times)
+    hour = 2 * np.pi * (index.hour + index.minute / 60.0) / 24.0
+    day = 2 * np.pi * (index.dayofyear - 1 + index.hour / 24.0) / DAYS_PER_YEAR
+    values = {"hour_sin": np.sin(hour), "hour_cos": np.cos(hour),
+              "doy_sin": np.sin(day), "doy_cos": np.cos(day)}
+    ones = xr.ones_like(grid["lat"] * grid["lon"], dtype="float32").transpose("lat", "lon")
+    out = {}
+    for name in names:
+        series = xr.DataArray(np.asarray(values[name], dtype="float32"), dims="time",
+                              coords={"time": times})
+        out[name] = (series * ones).assign_attrs(units="1", long_name=name.replace("_", " "))
+    return xr.Dataset(out)
+
+
+def check_factor(ds: xr.Dataset, factor: int) -> None:
+    """The fine grid must be exact k x k blocks: a remainder would be cropped silently."""
+    if ds.sizes["lat"] % factor or ds.sizes["lon"] % factor:
+        raise ValueError(
+            f"config key regrid.factor: {factor} does not divide the "
+            f"{ds.sizes['lat']}x{ds.sizes['lon']} target grid; choose a factor that divides "
+            "both sizes, or a region whose extent is a multiple of factor x targets.resolution"
+        )
+
+
 def make_pairs(
     fields: xr.Dataset,
     static: xr.Dataset,
     factor: int,
     backend: str = "auto",
     nan_threshold: float = 0.5,
+    inputs: xr.Dataset | None = None,
+    input_names: list[str] | None = None,
+    calendar: list[str] | None = None,
+    latitude: bool = True,
 ) -> tuple[xr.Dataset, xr.Dataset]:
-    """Return (fine, coarse): fields + statics on the cropped fine grid and on the k-coarse grid.
+    """Return (fine, coarse): targets + statics on the fine grid, inputs + statics coarse.
 
-    Lazy when `fields` is dask-backed (nothing is computed here). A coarse cell whose fine block
-    has less than `nan_threshold` valid area is NaN (land-only data), never filled.
+    The coarse grid is the fine grid in exact k x k blocks. Inputs are the targets coarsened
+    (`inputs` None: the "perfect model" setting) or `inputs` regridded conservatively onto the
+    coarse grid from their own grid, at the targets' time steps. `input_names` (short names)
+    picks the inputs kept in `coarse` (default: every variable); `calendar` adds calendar
+    features. Lazy when the data are dask-backed. A coarse cell whose fine block has less than
+    `nan_threshold` valid area is NaN (land-only data), never filled.
     """
+    statics = normalise_grid(static)
+    if latitude:
+        statics = add_latitude_static(statics)
     try:
-        merged = xr.merge([normalise_grid(fields), add_latitude_static(normalise_grid(static))],
-                          join="exact")
+        fine = xr.merge([normalise_grid(fields), statics], join="exact")
     except ValueError as err:
         raise ValueError(f"the fields and the static fields must share one lat/lon grid: {err}. "
                          "Regrid the statics onto the fields' grid first") from err
-    fine = crop_to_multiple(merged, factor)
-    coarse = coarsen_conservative(fine, factor, backend=backend, nan_threshold=nan_threshold)
+    check_factor(fine, factor)
+    coarse_all = coarsen_conservative(fine, factor, backend=backend, nan_threshold=nan_threshold)
+    coarse_static = coarse_all[list(statics.data_vars)]
+    if inputs is None:
+        names = input_names or list(fields.data_vars)
+        coarse = xr.merge([coarse_all[names], coarse_static])
+    else:
+        coarse_inputs = inputs_on_grid(inputs, coarse_all, fine["time"].values, backend,
+                                       nan_threshold)
+        names = input_names or list(inputs.data_vars)
+        coarse = xr.merge([coarse_inputs[names], coarse_static], join="exact")
+    if calendar:
+        coarse = xr.merge([coarse, calendar_features(fine["time"].values, calendar, coarse)])
     return fine, coarse
+
+
+def inputs_on_grid(inputs: xr.Dataset, grid: xr.Dataset, times: np.ndarray, backend: str,
+                   nan_threshold: float) -> xr.Dataset:
+    """Inputs from their own grid onto the coarse grid (conservative), at the targets' times."""
+    inputs = normalise_grid(inputs)
+    missing = pd.DatetimeIndex(times).difference(pd.DatetimeIndex(inputs["time"].values))
+    if len(missing):
+        raise ValueError(
+            f"the inputs lack {len(missing)} time step(s) the targets have (first "
+            f"{missing[0]:%Y-%m-%d %H:%M}); give inputs over the same period and frequency"
+        )
+    inputs = inputs.sel(time=times)
+    same = (inputs.sizes["lat"] == grid.sizes["lat"] and inputs.sizes["lon"] == grid.sizes["lon"]
+            and np.allclose(inputs["lat"], grid["lat"]) and np.allclose(inputs["lon"], grid["lon"]))
+    if same:
+        return inputs.assign_coords(lat=grid["lat"], lon=grid["lon"])
+    out = regrid(inputs, grid[["lat", "lon"]], "conservative", backend=backend,
+                 nan_threshold=nan_threshold)
+    empty = [n for n in out.data_vars if bool(out[n].isel(time=0).isnull().all())]
+    if empty:
+        raise ValueError(f"the inputs {empty} do not overlap the coarse grid; give inputs over "
+                         "the region")
+    return out
 
 
 def split_by_time(ds: xr.Dataset, split: dict) -> dict[str, xr.Dataset]:
@@ -127,31 +200,50 @@ def write_pairs(
     static: xr.Dataset,
     regrid_cfg: dict,
     split: dict,
-    names: list[str],
+    names: dict[str, list[str]],
     fine_path: str,
     coarse_path: str,
     stats_path: str,
+    inputs: xr.Dataset | None = None,
 ) -> dict[str, dict]:
     """The pairs stage: write fine.nc, coarse.nc and the train statistics, and return them.
 
+    `names` holds short names: `inputs` (model inputs, in coarse.nc, calendar features
+    included), `targets` (model outputs, in fine.nc), `statics` (both files; latitude is
+    computed) and `calendar` (the calendar features among the inputs). Statistics come from the
+    train split: targets and statics from the fine grid (NaN targets skipped), inputs that are
+    not targets from the coarse grid, so a variable that is both an input and a target has one
+    normalisation and the model's skip connection stays unbiased. stats.json also lists the
+    `inputs`, `targets` and `statics` for the model, inference and evaluation.
+
     `fields` should be dask-backed, chunked by time (open with chunks={"time": n}): then each
     output is streamed chunk by chunk on the scheduler `regrid_cfg["scheduler"]`, holding a
-    few time chunks at a time, never a whole variable. Three passes (fine copy, coarse,
+    few time chunks at a time, never a whole variable. Separate passes (fine copy, coarse,
     statistics) rather than one shared graph: computing `to_netcdf(compute=False)` delayeds
     together made dask's threaded scheduler hold the whole input (1.7 GB peak for a 1.2 GB
     input, measured), while each `to_netcdf` on its own stays at a few chunks (~0.3 GB).
     Files appear under their final names only when complete.
     """
-    fine, coarse = make_pairs(fields, static, regrid_cfg["factor"],
+    statics = [s for s in names["statics"] if s != "latitude"]
+    fine, coarse = make_pairs(fields[names["targets"]] if inputs is not None else fields,
+                              static[statics], regrid_cfg["factor"],
                               regrid_cfg.get("backend", "auto"),
-                              regrid_cfg.get("nan_threshold", 0.5))
+                              regrid_cfg.get("nan_threshold", 0.5), inputs=inputs,
+                              input_names=[n for n in names["inputs"]
+                                           if n not in names["calendar"]],
+                              calendar=names["calendar"],
+                              latitude="latitude" in names["statics"])
+    fine = fine[names["targets"] + names["statics"]]
     train = split_by_time(fine, split)["train"]  # also checks that every split selects data
-    lazy = lazy_stats(train, names)
+    coarse_train = split_by_time(coarse, split)["train"]
+    lazy = lazy_stats(train, names["targets"] + names["statics"])
+    lazy.update(lazy_stats(coarse_train, [n for n in names["inputs"] if n not in lazy]))
     reductions = [r for _, mean, std in lazy.values() for r in (mean, std)]
     with dask_scheduler(regrid_cfg.get("scheduler", "threads")):
         for ds, path in ((fine, fine_path), (coarse, coarse_path)):
             with atomic_path(path) as tmp:
                 store_netcdf(ds, tmp)
         stats = finish_stats(lazy, list(compute(*reductions)))
-    write_json(stats, stats_path)
+    write_json({**stats, "inputs": names["inputs"], "targets": names["targets"],
+                "statics": names["statics"]}, stats_path)
     return stats

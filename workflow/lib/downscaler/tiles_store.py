@@ -40,6 +40,9 @@ def normalised_stack(ds: xr.Dataset, names: list[str], stats: dict) -> np.ndarra
     One variable at a time in float64 (so the normalisation is exact) into a float32 result,
     which bounds the peak to the result plus one variable. NaN (missing data) stays NaN.
     """
+    if not names:  # no statics: an empty stack on the grid
+        lead = (ds.sizes["time"],) if "time" in ds.dims else ()
+        return np.empty((*lead, 0, ds.sizes["lat"], ds.sizes["lon"]), dtype="float32")
     first = ds[names[0]]
     out = np.empty((*first.shape[:-2], len(names), *first.shape[-2:]), dtype="float32")
     for i, name in enumerate(names):
@@ -67,8 +70,12 @@ def write_tiles(
     path: str,
     time_chunk: int = 64,
     memory_mb: float | None = None,
+    inputs: list[str] | None = None,
 ) -> None:
     """Tile one split (fine and coarse over the same times) into a zarr store, atomically.
+
+    `variables` are the targets (`y`, from `fine`), `inputs` the model inputs (`x`, from
+    `coarse`; default: the targets). The attributes name both (`variables` = targets, `inputs`).
 
     Works through time in windows of at most `time_chunk` steps and about `memory_mb` MB
     (default: tiles.memory_mb, else 512), reading only that window of each variable; each window
@@ -77,6 +84,7 @@ def write_tiles(
     apply; inputs `x` cannot be NaN for the model, so missing inputs (coarse cells below
     regrid.nan_threshold) are set to 0 (the train mean) and counted in attrs `filled_inputs`.
     """
+    inputs = list(variables) if inputs is None else list(inputs)
     factor = fine.sizes["lat"] // coarse.sizes["lat"]
     div_lat, div_lon, halo = tiles_cfg["div_lat"], tiles_cfg["div_lon"], tiles_cfg["halo"]
     periodic = is_periodic(coarse["lon"].values)
@@ -93,8 +101,9 @@ def write_tiles(
     static = fine_tiles(normalised_stack(fine, statics, stats))  # [S, N, ...]
     static = np.moveaxis(static, -3, 0)  # -> [N, S, ...]
     n_time, n_tiles, n_var = fine.sizes["time"], div_lat * div_lon, len(variables)
+    n_in = len(inputs)
     x_shape = coarse_tiles(np.zeros(coarse["lat"].shape + coarse["lon"].shape)).shape[1:]
-    y_shape = static.shape[2:]
+    y_shape = fine_tiles(np.zeros(fine["lat"].shape + fine["lon"].shape)).shape[1:]
     times = np.datetime_as_string(fine["time"].values, unit="s").tolist()
     shard_t = window_steps(4 * n_tiles * n_var * int(np.prod(y_shape)), memory_mb,
                            max(1, min(n_time, time_chunk)))
@@ -103,22 +112,23 @@ def write_tiles(
     with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
 
-        def array(name, shape, dtype="float32", fill_value=None):
+        def array(name, shape, dtype="float32", fill_value=None, n=n_var):
             # one sample (time, tile) per chunk for cheap random reads; shards keep files few
             return group.create_array(
-                name, shape=(n_time, n_tiles, n_var, *shape), dtype=dtype,
-                chunks=(1, 1, n_var, *shape), shards=(shard_t, n_tiles, n_var, *shape),
+                name, shape=(n_time, n_tiles, n, *shape), dtype=dtype,
+                chunks=(1, 1, n, *shape), shards=(shard_t, n_tiles, n, *shape),
                 fill_value=fill_value,
             )
 
-        x_arr = array("x", x_shape)
+        x_arr = array("x", x_shape, n=n_in)
         y_arr = array("y", y_shape)
         # fill 1 (= valid): all-valid chunks equal the fill value and are never written to disk
         mask_arr = array("mask", y_shape, dtype="uint8", fill_value=1)
-        group.create_array("static", data=static, chunks=static.shape)
+        # zarr refuses zero-length chunks: a store without statics keeps a chunk of 1
+        group.create_array("static", data=static, chunks=tuple(max(1, n) for n in static.shape))
         for t0 in range(0, n_time, shard_t):
             window = slice(t0, t0 + shard_t)
-            x = coarse_tiles(normalised_stack(coarse.isel(time=window), variables, stats))
+            x = coarse_tiles(normalised_stack(coarse.isel(time=window), inputs, stats))
             y = fine_tiles(normalised_stack(fine.isel(time=window), variables, stats))
             # tile() puts tiles after the variable axis: [t, V, N, ...] -> [t, N, V, ...]
             x, y = np.swapaxes(x, 1, 2), np.swapaxes(y, 1, 2)
@@ -132,7 +142,8 @@ def write_tiles(
             y_arr[window] = y
             mask_arr[window] = valid.view("uint8")
         group.attrs.update(
-            variables=variables, statics=statics, times=times, factor=factor,
+            variables=variables, inputs=inputs, targets=variables, statics=statics, times=times,
+            factor=factor,
             div_lat=div_lat, div_lon=div_lon, halo=halo, pad_mode=tiles_cfg["pad_mode"],
             periodic_lon=periodic, res_km=grid_spacing_km(coarse), stats=stats,
             filled_inputs=filled_inputs, missing_targets=missing_targets,

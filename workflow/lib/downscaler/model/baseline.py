@@ -86,4 +86,6 @@ class UpsampleViT(nn.Module):
         for block in self.blocks:
             z = block(z)
         z = self.head(self.norm(z))
-        return up[:, self.out_index] + unpatchify(z, n_out, hf // p, wf // p, p)
+        skip = torch.cat([up[:, i:i + 1] if i >= 0 else torch.zeros_like(up[:, :1])
+                          for i in self.out_index], dim=1)  # zero for an output not an input
+        return skip + unpatchify(z, n_out, hf // p, wf // p, p)

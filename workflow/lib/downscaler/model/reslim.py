@@ -15,7 +15,10 @@ Pipeline (REFERENCE section 1), for coarse input ``x [B, V, h, w]`` and fine sta
 5. head: MLP to ``out_ch * (mag*p)^2`` per token, unpatchify to the fine grid, 3x3 conv;
 6. residual CNN path on (coarse out_vars, pixel-unshuffled fine statics), PixelShuffle to fine.
 
-Output = bilinear upsampling of the coarse out_vars + head + residual path. The two learned
+Output = bilinear upsampling of the coarse out_vars + head + residual path. An output that is
+not among the inputs (e.g. a target observed only at high resolution) has a zero skip (zero is
+its normalised train mean) and a zero coarse channel in the residual path: the head and the
+residual path, which see every input and static, predict it in full. The two learned
 branches end in convolutions initialised ~100x smaller than default, so at step 0 the model is
 (almost) bilinear interpolation and learns corrections to it, while every parameter still gets a
 non-zero gradient (a fully zero-initialised output layer would make all upstream gradients zero,
@@ -72,8 +75,9 @@ def _check_int(arg: str, value: object, minimum: int) -> None:
 class ReslimConfig:
     """Architecture of Reslim (and of the UpsampleViT baseline, which shares it).
 
-    Variables are addressed by short name: ``out_vars`` picks (and orders) the predicted
-    variables among ``in_vars``; ``static_vars`` are fine-grid fields (orography, land-sea mask,
+    Variables are addressed by short name: ``out_vars`` are the predicted variables, usually
+    some of ``in_vars`` (many inputs -> few outputs) but not necessarily; ``static_vars`` are
+    fine-grid fields (orography, land-sea mask,
     latitude, ...). Validated on construction.
     """
 
@@ -94,12 +98,6 @@ class ReslimConfig:
         self.in_vars = _check_names("in_vars", self.in_vars, allow_empty=False)
         self.out_vars = _check_names("out_vars", self.out_vars, allow_empty=False)
         self.static_vars = _check_names("static_vars", self.static_vars, allow_empty=True)
-        missing = [v for v in self.out_vars if v not in self.in_vars]
-        if missing:
-            raise ValueError(
-                f"out_vars {missing} are not in in_vars {self.in_vars}; the model predicts a "
-                "subset of its inputs, so add them to in_vars or drop them from out_vars"
-            )
         clash = [v for v in self.static_vars if v in self.in_vars]
         if clash:
             raise ValueError(
@@ -126,8 +124,9 @@ class ReslimConfig:
 
     @property
     def out_index(self) -> list[int]:
-        """Positions of ``out_vars`` among ``in_vars`` (channel indices into ``x``)."""
-        return [self.in_vars.index(v) for v in self.out_vars]
+        """Positions of ``out_vars`` among ``in_vars`` (channel indices into ``x``); -1 for an
+        output that is not an input (its skip connection is zero)."""
+        return [self.in_vars.index(v) if v in self.in_vars else -1 for v in self.out_vars]
 
 
 def validate_inputs(
@@ -268,9 +267,17 @@ class Reslim(nn.Module):
             conv.weight.mul_(OUTPUT_INIT_SCALE)
             conv.bias.mul_(OUTPUT_INIT_SCALE)
 
+    def coarse_outputs(self, x: Tensor) -> Tensor:
+        """The coarse ``out_vars`` from ``x``; zeros (the normalised train mean) for an output
+        that is not an input, which the learned branches then predict in full."""
+        if min(self.out_index) >= 0:
+            return x[:, self.out_index]
+        zeros = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+        return torch.cat([x[:, i:i + 1] if i >= 0 else zeros for i in self.out_index], dim=1)
+
     def upsample_skip(self, x: Tensor) -> Tensor:
         """Bilinear upsampling of the coarse ``out_vars``: the baseline the model corrects."""
-        x_out = x[:, self.out_index]
+        x_out = self.coarse_outputs(x)
         if self.cfg.mag == 1:
             return x_out
         return F.interpolate(x_out, scale_factor=self.cfg.mag, mode="bilinear", align_corners=False)
@@ -300,5 +307,5 @@ class Reslim(nn.Module):
         z = self.head(self.forward_tokens(x, static, res_km))
         y = self.head_conv(unpatchify(z, n_out, h // p, w // p, mag * p))
         skip = self.upsample_skip(x)
-        resid = self.residual(x[:, self.out_index], static)
+        resid = self.residual(self.coarse_outputs(x), static)
         return skip + y + resid

@@ -446,3 +446,23 @@ def _finalise(ds: xr.Dataset) -> xr.Dataset:
         var.encoding = {}
     ds.encoding = {k: v for k, v in ds.encoding.items() if k == "source"}
     return ds
+
+
+def check_plausible(ds: xr.Dataset, origin: str) -> None:
+    """Values outside each variable's plausible range (e.g. Celsius labelled K) stop the run."""
+    for name in ds.data_vars:
+        meta = BY_SHORT_NAME.get(str(name))
+        if meta is None or meta.valid_range is None:
+            continue
+        lo, hi = meta.valid_range
+        da = ds[name]
+        bad = (da < lo) | (da > hi)
+        count = int(bad.sum())
+        if count:
+            example = float(da.where(bad).max() if bool((da > hi).any())
+                            else da.where(bad).min())
+            raise ValueError(
+                f"{origin}: variable {name} has {count} value(s) outside the plausible range "
+                f"{lo:g}..{hi:g} {meta.units} (e.g. {example:g}); check the file's units "
+                f"attribute (e.g. Celsius labelled K) and its contents"
+            )

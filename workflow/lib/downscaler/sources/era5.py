@@ -135,15 +135,15 @@ def _make_request(dataset: str, names: list[str], days: list[pd.Timestamp], time
     )
 
 
-def plan_era5_requests(config: dict) -> list[Request]:
+def plan_era5_requests(config: dict, invariants: bool = True) -> list[Request]:
     """Plan the CDS requests for config: split by month, step-type group and field limit.
 
     Single-level variables are grouped by stepType (instant / accum / min / max) so no answer
     is a zip; each group x month is split further to stay under era5.max_fields_per_request
     (fields = variables x time steps x levels). For daily output, processed variables (tp,
     mn2t, mx2t: the hour ending at the valid time) also get 00:00 of the day after the period,
-    so the last day has all 24 hours. The LAST request is always the invariants (geopotential,
-    land_sea_mask at one time) landing at STATIC_TARGET.
+    so the last day has all 24 hours. With `invariants`, the LAST request is the invariants
+    (geopotential, land_sea_mask at one time) landing at STATIC_TARGET.
     """
     e5 = config.get("era5") or {}
     fmt = e5.get("data_format", "netcdf")
@@ -197,6 +197,8 @@ def plan_era5_requests(config: dict) -> list[Request]:
             if step in groups:
                 out.append(_make_request(SINGLE_LEVELS, groups[step], after, ["00:00"], config,
                                          None, "single-levels"))
+    if not invariants:
+        return out
     static = _make_request(SINGLE_LEVELS, ["geopotential", "land_sea_mask"], [start], ["00:00"],
                            config, None, "single-levels")
     out.append(Request(dataset=static.dataset, request=static.request, target=STATIC_TARGET,
@@ -358,7 +360,8 @@ def daily_aggregate(
     return xr.Dataset(out)
 
 
-def load_era5(paths: list[Path], static_path: Path, config: dict) -> tuple[xr.Dataset, xr.Dataset]:
+def load_era5(paths: list[Path], static_path: Path | None,
+              config: dict) -> tuple[xr.Dataset, xr.Dataset | None]:
     """Read downloaded ERA5 answers into canonical (fields, static) datasets.
 
     fields: (time, lat, lon), lat ascending, lon in [-180, 180), float32, registry short names
@@ -427,7 +430,7 @@ def load_era5(paths: list[Path], static_path: Path, config: dict) -> tuple[xr.Da
         "frequency": "day" if daily else "1hr",
         "Conventions": "CF-1.8",
     }
-    return fields, load_static(static_path)
+    return fields, (load_static(static_path) if static_path is not None else None)
 
 
 def load_static(static_path: Path) -> xr.Dataset:

@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from downscaler.io import atomic_path
-from downscaler.sources.canonical import canonicalize, split_statics
+from downscaler.sources.canonical import canonicalize, check_plausible, split_statics
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,19 @@ def detect_format(path: Path) -> str:
 
 
 def _open_canonical(path: Path) -> list[xr.Dataset]:
-    """Open one file (or zip/zarr) as a list of canonical datasets (several for zip/GRIB)."""
-    out = [canonicalize(ds) for ds in _open_raw(path)]
+    """Open one file (or zip/zarr) as a list of canonical datasets (several for zip/GRIB).
+
+    Every value is read once here to check it is plausible (`check_plausible`): that also finds
+    a file whose header is intact but whose data are cut short.
+    """
+    out = []
+    for ds in _open_raw(path):
+        ds = canonicalize(ds)
+        try:
+            check_plausible(ds, f"file {path}")
+        except (OSError, RuntimeError) as err:
+            raise ValueError(damaged(path, err)) from err
+        out.append(ds)
     if len(out) > 1:  # zip members / GRIB hypercubes: different variables, same grid and times
         out = [_combine(out, [path] * len(out))]
     return out
@@ -127,11 +138,18 @@ def _open_raw(path: Path) -> list[xr.Dataset]:
             raw = [_open_netcdf(path)]
     except (ImportError, FileNotFoundError):
         raise
+    except OSError as err:  # netCDF/HDF5 "HDF error", "NetCDF: Not a valid ID", short reads
+        raise ValueError(damaged(path, err)) from err
     except Exception as err:
         raise ValueError(f"cannot read {path} as {kind}: {type(err).__name__}: {err}") from err
     for ds in raw:
         ds.encoding.setdefault("source", str(path))
     return raw
+
+
+def damaged(path: Path, err: BaseException) -> str:
+    return (f"{path} is damaged or incomplete (truncated download or copy?): it cannot be read "
+            f"({type(err).__name__}: {err}); download or copy it again")
 
 
 def _open_netcdf(path: Path) -> xr.Dataset:

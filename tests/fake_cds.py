@@ -89,6 +89,7 @@ class Scenario:
     transient_500: int = 0  # this many 500s on POST .../execution before accepting
     truncate: int = 0  # this many asset GETs send half the bytes under a full Content-Length
     size_lie: int = 0  # advertise file:size this many bytes larger than the file (every time)
+    damaged: int = 0  # this many jobs answer a netCDF cut in half, advertised at its cut size
     cost_limit: float = 1e12  # costing limit (cost = number of fields)
     wrong_variable: bool = False  # answer renames the first variable
     not_netcdf: bool = False  # answer is an HTML page
@@ -173,6 +174,10 @@ class FakeCDS:
             else:
                 job.payload, job.content_type, job.ext = era5_answer(
                     job.dataset, job.request, self.scenario)
+                with self.lock:
+                    if self.scenario.damaged > 0:
+                        self.scenario.damaged -= 1
+                        job.payload = job.payload[: len(job.payload) // 2]
         return job.payload, job.content_type, job.ext
 
 

@@ -319,3 +319,45 @@ def test_grib_without_cfgrib_says_what_to_install(tmp_path, monkeypatch):
     path.write_bytes(b"GRIB" + b"\0" * 60)
     with pytest.raises(ImportError, match=r"era5\.grib.*pip install cfgrib eccodes"):
         open_local(path)
+
+
+def test_era_interim_pressure_levels_as_inputs_through_the_local_path(tmp_path):
+    """Real ERA-Interim u, v, z on pressure levels (0.75 deg) as `inputs` (local files): picked
+    by `name@hPa`, then conservatively onto a 1-degree coarse grid nested in a 0.25 target grid."""
+    path = SHARED / "data" / "eraint_uvz.nc"
+    if not path.exists():
+        pytest.skip(f"{path} not available (needs the shared data folder)")
+    from downscaler.pairs import inputs_on_grid
+    from downscaler.sources.prepare import load_inputs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the file's NaN _FillValue on float64 is harmless
+        raw = xr.open_dataset(path).load()
+    # monthly climatology (Jan, Jul) -> two dated time steps, as a user's file would have
+    dated = raw.rename(month="time").assign_coords(
+        time=pd.to_datetime(["2000-01-01", "2000-01-02"]))
+    dated.to_netcdf(tmp_path / "eraint.nc")
+    region = {"south": 40.0, "north": 48.0, "west": 0.0, "east": 16.0}
+    config = {"inputs": {"source": "local", "resolution": 0.75,
+                         "paths": [str(tmp_path / "eraint.nc")],
+                         "variables": ["geopotential@500", "u_component_of_wind@850"]},
+              "targets": {"resolution": 0.25}, "region": region, "seed": 0,
+              "period": {"start": "2000-01-01", "end": "2000-01-02"}, "frequency": "daily",
+              "coverage": "error"}
+    fields = load_inputs(config, tmp_path / "raw")
+    assert list(fields.data_vars) == ["z500", "u850"]
+    np.testing.assert_array_equal(
+        fields["z500"].sel(lat=45.0, lon=6.0).values,
+        raw["z"].sel(level=500, latitude=45.0, longitude=6.0).values.astype("f4"))
+    assert fields["z500"].attrs["units"] == "m2 s-2"
+    lat = 40.5 + np.arange(8.0)
+    lon = 0.5 + np.arange(16.0)
+    grid = xr.Dataset(coords={"lat": lat, "lon": lon})
+    coarse = inputs_on_grid(fields, grid, fields["time"].values, "auto", 0.5)
+    assert coarse["z500"].shape == (2, 8, 16) and bool(np.isfinite(coarse["z500"]).all())
+    # conservative: the mean over the domain is kept (to the edge cells' partial overlaps)
+    inner = fields["z500"].sel(lat=slice(40, 48), lon=slice(0, 16)).mean()
+    assert float(coarse["z500"].mean()) == pytest.approx(float(inner), rel=2e-3)
+    config["inputs"]["variables"] = ["geopotential@700"]
+    with pytest.raises(KeyError, match=r"level 700 hPa but z has levels \[200, 500, 850\]"):
+        load_inputs(config, tmp_path / "raw")

@@ -227,6 +227,24 @@ def test_transient_500_then_success(fake_cds, tmp_path):  # noqa: F811
     assert fake_cds.count("POST", "/execution") == 2  # the client retried after the 500
 
 
+def test_damaged_answer_of_the_advertised_size_is_retried(fake_cds, tmp_path):  # noqa: F811
+    fake_cds.scenario.damaged = 1  # a cut netCDF whose size matches what the server says
+    cfg = config()
+    req = plan_era5_requests(cfg)[0]
+    (path,) = fetch([req], tmp_path, cfg, progress=False)
+    assert cds.check_file(path, req) is None
+    assert fake_cds.count("POST", "/execution") == 2
+
+
+def test_always_damaged_answer_is_called_a_damaged_download(fake_cds, tmp_path):  # noqa: F811
+    fake_cds.scenario.damaged = 100
+    cfg = config(retries=1)
+    req = plan_era5_requests(cfg)[0]
+    with pytest.raises(CDSError, match="after 2 attempts: every answer was a damaged download"):
+        fetch([req], tmp_path, cfg, progress=False)
+    assert not (tmp_path / req.target).exists() and leftovers(tmp_path) == []
+
+
 def test_truncated_once_then_complete(fake_cds, tmp_path):  # noqa: F811
     fake_cds.scenario.truncate = 1
     cfg = config()
@@ -272,3 +290,25 @@ def test_fake_server_binds_loopback_only():
         assert server._httpd.server_address[0] == "127.0.0.1"
     finally:
         server.stop()
+
+
+def test_pressure_level_inputs_by_name_split_within_the_limit(fake_cds, tmp_path):  # noqa: F811
+    """inputs.variables with `name@hPa`: one pressure-level request family, split so that no
+    request exceeds era5.max_fields_per_request, read back as t850 / z500."""
+    from downscaler.sources.prepare import load_inputs
+
+    cfg = config(max_fields_per_request=60)
+    full = {"inputs": {"source": "era5", "resolution": 2.0,
+                       "variables": ["2m_temperature", "temperature@850", "geopotential@500"]},
+            "targets": {"resolution": 0.5}, "region": cfg["region"], "period": cfg["period"],
+            "frequency": "hourly", "coverage": "error", "seed": 0,
+            "era5": {k: v for k, v in cfg["era5"].items() if k != "grid"}}
+    fields = load_inputs(full, tmp_path)
+    assert list(fields.data_vars) == ["t2m", "t850", "z500"]
+    assert fields["z500"].dims == ("time", "lat", "lon") and fields.sizes["time"] == 48
+    pl = [r for d, r in fake_cds.submitted if d == "reanalysis-era5-pressure-levels"]
+    assert pl and all(len(r["variable"]) * len(r["day"]) * len(r["time"])
+                      * len(r["pressure_level"]) <= 60 for r in pl)
+    assert {v for r in pl for v in r["variable"]} == {"temperature", "geopotential"}
+    assert not any(d == "reanalysis-era5-single-levels" and "land_sea_mask" in r["variable"]
+                   for d, r in fake_cds.submitted)  # no invariants: no static was asked for

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,26 +51,45 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
 
 # Flat keys of the single-dataset configuration, replaced by the `targets` / `inputs` blocks.
 OLD_KEYS = {
-    "source": "targets.source (and inputs.source: coarsened for the old behaviour)",
+    "source": "targets.source",
+    "variables": "targets.variables",
     "resolution": "targets.resolution",
-    "local": "targets.paths (and static_paths for local.static_paths)",
+    "local": "targets.paths and static_paths",
 }
 
 
 def _check_old_keys(config: dict) -> None:
-    """The flat keys of the old single-dataset config stop with the new keys to use."""
-    old = {k: v for k, v in OLD_KEYS.items() if k in config}
-    targets = (config.get("targets") or {}).get("variables")
-    if "variables" in config and config["variables"] != targets:
-        old["variables"] = "targets.variables (and inputs.variables)"
-    if old:
-        moves = "; ".join(f"{k} -> {v}" for k, v in old.items())
+    """Translate the flat keys of the old single-dataset config (the coarsened-targets mode),
+    with a warning naming the new keys; mixing them with the new blocks is an error."""
+    targets = config.get("targets") or {}
+    old = [k for k in OLD_KEYS if k in config]
+    if "variables" in old and config["variables"] == targets.get("variables"):
+        old.remove("variables")  # the derived key of an already validated config
+    if not old:
+        return
+    moves = "; ".join(f"{k} -> {OLD_KEYS[k]}" for k in old)
+    if "targets" in config or "inputs" in config:
         raise ConfigError(
-            f"config keys {sorted(old)} are no longer used: inputs and targets are configured "
-            f"separately ({moves}). Example: targets: {{source: local, variables: "
-            "[2m_temperature], resolution: 0.25, paths: [...]}, inputs: {source: coarsened} "
+            f"config keys {old} are the old flat form and cannot be mixed with targets/inputs: "
+            f"move them ({moves}); e.g. targets: {{source: local, variables: [2m_temperature], "
+            "resolution: 0.25, paths: [...]}, inputs: {source: coarsened} "
             "(README, 'Bring your own data')"
         )
+    warnings.warn(f"config keys {old} are deprecated: use {moves}, with inputs: {{source: "
+                  "coarsened} for the same behaviour (README, 'Bring your own data')",
+                  FutureWarning, stacklevel=3)
+    new = {}
+    for key, name in (("source", "source"), ("variables", "variables"),
+                      ("resolution", "resolution")):
+        if key in config:
+            new[name] = config.pop(key)
+    local = config.pop("local", None) or {}
+    if local.get("paths"):
+        new["paths"] = local["paths"]
+    if local.get("static_paths"):
+        config["static_paths"] = local["static_paths"]
+    config["targets"] = new
+    config["inputs"] = {"source": "coarsened"}
 
 
 def _derive(config: dict) -> None:

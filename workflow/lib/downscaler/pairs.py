@@ -78,6 +78,8 @@ def make_pairs(
     features. Lazy when the data are dask-backed. A coarse cell whose fine block has less than
     `nan_threshold` valid area is NaN (land-only data), never filled.
     """
+    if "lat" not in static.dims:  # no statics at all: an empty dataset on the fields' grid
+        static = xr.Dataset(coords={"lat": fields["lat"], "lon": fields["lon"]})
     statics = normalise_grid(static)
     if latitude:
         statics = add_latitude_static(statics)

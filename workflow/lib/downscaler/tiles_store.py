@@ -40,9 +40,8 @@ def normalised_stack(ds: xr.Dataset, names: list[str], stats: dict) -> np.ndarra
     One variable at a time in float64 (so the normalisation is exact) into a float32 result,
     which bounds the peak to the result plus one variable. NaN (missing data) stays NaN.
     """
-    if not names:  # no statics: an empty stack on the grid
-        lead = (ds.sizes["time"],) if "time" in ds.dims else ()
-        return np.empty((*lead, 0, ds.sizes["lat"], ds.sizes["lon"]), dtype="float32")
+    if not names:  # only statics may be none (config statics: []): an empty [0, lat, lon]
+        return np.empty((0, ds.sizes["lat"], ds.sizes["lon"]), dtype="float32")
     first = ds[names[0]]
     out = np.empty((*first.shape[:-2], len(names), *first.shape[-2:]), dtype="float32")
     for i, name in enumerate(names):

@@ -312,6 +312,10 @@ class _Transient(Exception):
     """A failure worth resubmitting (5xx after the client's retries, reset, timeout, truncation)."""
 
 
+class _Damaged(_Transient):
+    """An answer that arrived whole (its advertised size) but is not a readable file."""
+
+
 def _server_text(exc: BaseException) -> str:
     return str(exc).strip()
 
@@ -322,7 +326,7 @@ def _classify(exc: BaseException, req: Request, config: Mapping[str, Any]) -> Ba
 
     s = req.summary
     text = _server_text(exc)
-    if isinstance(exc, CDSError):
+    if isinstance(exc, CDSError | _Transient):
         return exc
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         code = exc.response.status_code
@@ -440,6 +444,9 @@ def _download_one(client: Any, req: Request, final: Path) -> None:
         why = check_file(tmp, req)
         if why is not None:
             kind = _kind(tmp) if tmp.exists() else "nothing"
+            if kind in ("netcdf", "zip") and why.startswith("unreadable"):
+                # complete bytes as advertised, but a cut or corrupt file: fetch it again
+                raise _Damaged(f"damaged download: the {kind} answer cannot be read ({why})")
             raise CDSError(
                 f"The CDS answered {req.summary} with a file that is not what was asked "
                 f"({kind}: {why}). Check the request keys (variable names, dates, "
@@ -521,6 +528,12 @@ def _fetch_request(
                     req.summary, mapped, wait_s, attempt + 2, s["retries"] + 1,
                 )
                 time.sleep(wait_s)
+    if isinstance(last, _Damaged):
+        raise CDSError(
+            f"Giving up on {req.summary} after {s['retries'] + 1} attempts: every answer was a "
+            f"damaged download ({last}); nothing was kept. The CDS may be serving a broken "
+            f"file: re-run later (completed files are kept and skipped) or report it to the CDS."
+        )
     raise CDSError(
         f"Giving up on {req.summary} after {s['retries'] + 1} attempts: {last}. The service may "
         f"be overloaded: re-run later (completed files are kept and skipped) or raise "

@@ -9,6 +9,7 @@ import pytest
 import xarray as xr
 from downscaler.sources import cds
 from downscaler.sources.cds import CDSError, Request, check_credentials, fetch
+from downscaler.sources.cmip6 import fetch_cmip6_cds
 from downscaler.sources.era5 import load_era5, plan_era5_requests
 from fake_cds import FakeCDS, fake_cds  # noqa: F401 (fixture)
 
@@ -167,7 +168,7 @@ def test_cmip6_zip_is_extracted(fake_cds, tmp_path):  # noqa: F811
     cfg.update(frequency="daily", period={"start": "2015-01-01", "end": "2016-02-28"},
                cmip6={"model": "MPI-ESM1-2-LR", "experiment": "ssp245", "member": "r1i1p1f1",
                       "variables": ["tas"]})
-    paths = cds.fetch_cmip6_cds(cfg, tmp_path)
+    paths = fetch_cmip6_cds(cfg, tmp_path)
     assert len(paths) == 2 and all(p.suffix == ".nc" and p.is_file() for p in paths)
     first = fake_cds.submitted[0][1]
     assert first["experiment"] == "ssp2_4_5" and first["model"] == "mpi_esm1_2_lr"

@@ -123,8 +123,22 @@ def canonicalize(ds: xr.Dataset, variables: list[str] | None = None) -> xr.Datas
     if variables is not None:
         ds = _select(ds, variables, source)
     ds = _fix_lat_lon(ds, source)
-    ds = _finalise(ds)
+    ds = finalise(ds)
     return ds
+
+
+def canonical_coords(ds: xr.Dataset) -> xr.Dataset:
+    """Only the coordinate steps of `canonicalize`: names (time, level, lat, lon), valid times,
+    bookkeeping coordinates dropped (ERA5/ERA5T rows merged), levels in hPa, lat ascending, lon
+    in -180..180. Variables keep their names and units (used on raw ERA5 answers, whose
+    accumulations are aggregated before their units are converted)."""
+    source = _describe(ds)
+    ds = _drop_bounds(ds.copy())
+    ds = _rename_coords(ds, source)
+    ds = _fix_time(ds, source)
+    ds = _drop_bookkeeping(ds, source)
+    ds = _fix_level(ds)
+    return _fix_lat_lon(ds, source)
 
 
 def split_statics(ds: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset]:
@@ -410,7 +424,7 @@ def _fix_lat_lon(ds: xr.Dataset, source: str) -> xr.Dataset:
     return ds
 
 
-def _finalise(ds: xr.Dataset) -> xr.Dataset:
+def finalise(ds: xr.Dataset) -> xr.Dataset:
     """float32, canonical dim order, CF attributes, and no stale on-disk encodings."""
     for name in list(ds.data_vars):
         da = ds[name]

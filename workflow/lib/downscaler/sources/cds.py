@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -629,140 +629,11 @@ def fetch(
 
 # ---------------------------------------------------------------------------------------------
 # CMIP6 through the CDS (projections-cmip6)
-# ---------------------------------------------------------------------------------------------
-
-# registry long name / CMIP short name -> (CDS projections-cmip6 variable, CMIP short name)
-CMIP6_VARIABLES: dict[str, tuple[str, str]] = {
-    "2m_temperature": ("near_surface_air_temperature", "tas"),
-    "total_precipitation": ("precipitation", "pr"),
-    "10m_u_component_of_wind": ("eastward_near_surface_wind", "uas"),
-    "10m_v_component_of_wind": ("northward_near_surface_wind", "vas"),
-    "minimum_2m_temperature_since_previous_post_processing": (
-        "daily_minimum_near_surface_air_temperature", "tasmin",
-    ),
-    "maximum_2m_temperature_since_previous_post_processing": (
-        "daily_maximum_near_surface_air_temperature", "tasmax",
-    ),
-}
-_CMIP6_BY_ANY = {
-    **{k: v for k, v in CMIP6_VARIABLES.items()},
-    **{v[1]: v for v in CMIP6_VARIABLES.values()},
-    **{v[0]: v for v in CMIP6_VARIABLES.values()},
-}
 
 
-def _cds_experiment(name: str) -> str:
-    """`ssp245` / `SSP2-4.5` -> the CDS spelling `ssp2_4_5`; `historical` unchanged."""
-    n = name.strip().lower()
-    m = re.fullmatch(r"ssp(\d)[-_]?(\d)[._]?(\d)", n)
-    return f"ssp{m.group(1)}_{m.group(2)}_{m.group(3)}" if m else n
-
-
-def _area(config: Mapping[str, Any]) -> list[float] | None:
-    region = config.get("region")
+def request_area(region: Mapping[str, float] | None) -> list[float] | None:
+    """A region as the CDS `area` key: [north, west, south, east] (None: the whole globe)."""
     if not region:
         return None
     return [float(region["north"]), float(region["west"]), float(region["south"]),
             float(region["east"])]
-
-
-def plan_cmip6_requests(config: Mapping[str, Any]) -> list[Request]:
-    """One projections-cmip6 request per variable and year (the answer is a zip of netCDF)."""
-    import pandas as pd
-
-    c6 = config.get("cmip6") or {}
-    for k in ("model", "experiment"):
-        if not c6.get(k):
-            raise CDSError(f"config key cmip6.{k} is required to fetch CMIP6 from the CDS")
-    if config.get("frequency", "daily") != "daily":
-        raise CDSError("projections-cmip6 on the CDS has no hourly data: set frequency: daily")
-    names = c6.get("variables") or config.get("variables") or []
-    unknown = [n for n in names if n not in _CMIP6_BY_ANY]
-    if unknown:
-        raise CDSError(
-            f"cmip6.variables {unknown} have no CDS projections-cmip6 equivalent; choose from "
-            f"{sorted(CMIP6_VARIABLES)} or their CMIP names "
-            f"{[v[1] for v in CMIP6_VARIABLES.values()]}"
-        )
-    model = str(c6["model"]).strip().lower().replace("-", "_")
-    experiment = _cds_experiment(str(c6["experiment"]))
-    period = config["period"]
-    days = pd.date_range(period["start"], period["end"], freq="D")
-    area = _area(config)
-    out = []
-    for name in names:
-        cds_var, short = _CMIP6_BY_ANY[name]
-        for year in sorted({d.year for d in days}):
-            months = sorted({d.month for d in days if d.year == year})
-            req: dict[str, Any] = {
-                "temporal_resolution": "daily",
-                "experiment": experiment,
-                "variable": cds_var,
-                "model": model,
-                "year": [str(year)],
-                "month": [f"{m:02d}" for m in months],
-            }
-            if area is not None:
-                req["area"] = area
-            out.append(
-                Request(
-                    dataset="projections-cmip6",
-                    request=req,
-                    target=Path("cmip6") / f"{model}_{experiment}_{short}_{year}.zip",
-                    variables=(short,),
-                    label=f"{cds_var} {model} {experiment} {year}",
-                    fields=len([d for d in days if d.year == year]),
-                )
-            )
-    return out
-
-
-def _extract(zip_path: Path, dest: Path) -> list[Path]:
-    """Extract the netCDF members of a CDS zip answer atomically; skip provenance files."""
-    out = []
-    with zipfile.ZipFile(zip_path) as zf:
-        for member in zf.namelist():
-            if not member.endswith(".nc"):
-                continue
-            final = dest / Path(member).name
-            info = zf.getinfo(member)
-            if final.is_file() and final.stat().st_size == info.file_size:
-                out.append(final)
-                continue
-            with atomic_path(final) as tmp, zf.open(member) as src:
-                tmp.write_bytes(src.read())
-            out.append(final)
-    return out
-
-
-def fetch_cmip6_cds(
-    config: dict, raw_dir: Path, client_factory: Callable[[str, str], Any] | None = None
-) -> list[Path]:
-    """Fetch CMIP6 from the CDS dataset projections-cmip6; return the extracted netCDF paths.
-
-    Calendars and units are left as the model wrote them (converted later). The CDS offers one
-    ensemble member per model; when cmip6.member is set and the files carry another, a warning
-    says so.
-    """
-    raw_dir = Path(raw_dir)
-    reqs = plan_cmip6_requests(config)
-    factory = client_factory or _default_factory(config, "cmip6")
-    # retry/parallel settings: cmip6.* when given, else era5.* (fetch reads the era5 section)
-    settings = {**config, "era5": {**(config.get("era5") or {}), **(config.get("cmip6") or {})}}
-    zips = fetch(reqs, raw_dir, settings, client_factory=factory, progress=False)
-    out: list[Path] = []
-    for zp in zips:
-        out.extend(_extract(zp, zp.with_suffix("")))
-    member = (config.get("cmip6") or {}).get("member")
-    if member and out and not any(member in p.name for p in out):
-        warnings.warn(
-            f"cmip6.member {member!r} is not in the CDS files {[p.name for p in out][:3]}; the "
-            "CDS serves one member per model.",
-            stacklevel=2,
-        )
-    return out
-
-
-def iter_targets(requests_: Iterable[Request], raw_dir: Path) -> list[Path]:
-    """The final paths of `requests_` under `raw_dir` (for Snakemake outputs)."""
-    return [Path(raw_dir) / r.target for r in requests_]

@@ -4,8 +4,7 @@ Planning splits the period by month and variable group so every request stays un
 service's field ceiling and never mixes step types (which makes the CDS answer a zip).
 Loading turns the new-CDS netCDF layout (valid_time, latitude 90 -> -90, longitude 0..360,
 number/expver coords, tp in metres per hour) into the canonical `fields` (time, lat, lon) and
-`static` (orog, lsm) datasets. The small coordinate helpers here are source-agnostic on purpose
-so they can later be merged into a shared `canonical` module.
+`static` (orog, lsm) datasets, with the coordinate helpers of `canonical`.
 """
 
 from __future__ import annotations
@@ -21,8 +20,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from downscaler.sources.cds import Request, expected_times
-from downscaler.variables import BY_SHORT_NAME, STATICS, VARIABLES
+from downscaler.sources.canonical import canonical_coords, finalise
+from downscaler.sources.cds import Request, expected_times, request_area
+from downscaler.variables import STATICS, VARIABLES
 
 LOG = logging.getLogger(__name__)
 
@@ -65,14 +65,6 @@ PROCESSED = {"tp", "mn2t", "mx2t"}
 # ---------------------------------------------------------------------------------------------
 
 
-def _area(config: dict) -> list[float] | None:
-    region = config.get("region")
-    if not region:
-        return None
-    return [float(region["north"]), float(region["west"]), float(region["south"]),
-            float(region["east"])]
-
-
 def _chunks(names: list[str], days: list[pd.Timestamp], n_times: int, n_levels: int,
             max_fields: int, what: str) -> list[tuple[list[str], list[pd.Timestamp]]]:
     """Split (variables x days) so that variables x days x times x levels <= max_fields."""
@@ -108,7 +100,7 @@ def _make_request(dataset: str, names: list[str], days: list[pd.Timestamp], time
     }
     if levels:
         req["pressure_level"] = [str(lv) for lv in levels]
-    area = _area(config)
+    area = request_area(config.get("region"))
     if area is not None:
         req["area"] = area
     if levels:
@@ -211,10 +203,6 @@ def plan_era5_requests(config: dict, invariants: bool = True) -> list[Request]:
 # Reading and canonical conversion (source-agnostic helpers first)
 # ---------------------------------------------------------------------------------------------
 
-RENAMES = {"valid_time": "time", "latitude": "lat", "longitude": "lon",
-           "pressure_level": "level", "isobaricInhPa": "level"}
-
-
 def open_answer(path: Path) -> list[xr.Dataset]:
     """Open a CDS answer: a netCDF file, or a zip with one netCDF member per stepType."""
     path = Path(path)
@@ -238,38 +226,10 @@ def open_answer(path: Path) -> list[xr.Dataset]:
         ) from exc
 
 
-def combine_expver(ds: xr.Dataset) -> xr.Dataset:
-    """Merge ERA5 (expver 1) and ERA5T (expver 5) rows: final data first, ERA5T fills gaps."""
-    if "expver" in ds.dims:
-        order = sorted(range(ds.sizes["expver"]), key=lambda i: str(ds["expver"].values[i]))
-        out = ds.isel(expver=order[0])
-        for i in order[1:]:
-            out = out.combine_first(ds.isel(expver=i))
-        ds = out
-    return ds.drop_vars("expver", errors="ignore")
-
-
 def standardize_coords(ds: xr.Dataset) -> xr.Dataset:
-    """Canonical coordinate names and order: time, level, lat ascending, lon in [-180, 180).
-
-    Drops ensemble `number`, merges `expver`, and drops any other auxiliary coordinates.
-    """
-    ds = ds.rename({k: v for k, v in RENAMES.items() if k in ds.variables})
-    ds = combine_expver(ds)
-    if "number" in ds.dims:
-        if ds.sizes["number"] != 1:
-            raise ValueError(f"ensemble dimension 'number' has {ds.sizes['number']} members; "
-                             "expected one (reanalysis)")
-        ds = ds.isel(number=0)
-    ds = ds.drop_vars([c for c in ds.coords if c not in ds.dims and c != "time"])
-    if "lon" in ds.dims:
-        lon = ((ds["lon"].values + 180.0) % 360.0) - 180.0
-        ds = ds.assign_coords(lon=lon).sortby("lon")
-    if "lat" in ds.dims:
-        ds = ds.sortby("lat")
-    if "time" in ds.dims:
-        ds = ds.sortby("time")
-    return ds
+    """Canonical coordinates (`canonical.canonical_coords`) without auxiliary coordinates."""
+    ds = canonical_coords(ds)
+    return ds.drop_vars([c for c in ds.coords if c not in ds.dims and c != "time"])
 
 
 def split_levels(ds: xr.Dataset) -> xr.Dataset:
@@ -286,26 +246,6 @@ def split_levels(ds: xr.Dataset) -> xr.Dataset:
         else:
             out[name] = da
     return xr.Dataset(out, attrs=ds.attrs)
-
-
-def cf_attrs(ds: xr.Dataset) -> xr.Dataset:
-    """float32 data, CF attributes from the registry, and CF coordinate attributes."""
-    for name in ds.data_vars:
-        var = BY_SHORT_NAME.get(str(name))
-        da = ds[name].astype("float32")
-        if var is not None:
-            da.attrs = {"units": var.units, "standard_name": var.standard_name,
-                        "long_name": var.long_name.replace("_", " ")}
-        ds[name] = da
-    if "lat" in ds.coords:
-        ds["lat"].attrs = {"units": "degrees_north", "standard_name": "latitude",
-                           "long_name": "latitude", "axis": "Y"}
-    if "lon" in ds.coords:
-        ds["lon"].attrs = {"units": "degrees_east", "standard_name": "longitude",
-                           "long_name": "longitude", "axis": "X"}
-    if "time" in ds.coords:
-        ds["time"].attrs = {"standard_name": "time", "axis": "T"}
-    return ds
 
 
 def _concat_by_variables(parts: Iterable[xr.Dataset]) -> xr.Dataset:
@@ -424,7 +364,7 @@ def load_era5(paths: list[Path], static_path: Path | None,
             fields["tp"] = fields["tp"] * 1000.0 * 24.0  # m per hour -> mm/day as a rate
     if wanted:
         fields = fields[wanted]
-    fields = cf_attrs(fields.transpose("time", "lat", "lon"))
+    fields = finalise(fields.transpose("time", "lat", "lon"))
     fields.attrs = {
         "source": "ERA5 reanalysis, Copernicus Climate Change Service Climate Data Store",
         "frequency": "day" if daily else "1hr",
@@ -448,7 +388,7 @@ def load_static(static_path: Path) -> xr.Dataset:
     lsm = ds["lsm"].clip(0.0, 1.0).transpose("lat", "lon")
     static = xr.Dataset({STATICS["orography"].short_name: orog,
                          STATICS["land_sea_mask"].short_name: lsm})
-    static = cf_attrs(static)
+    static = finalise(static)
     static.attrs = {"source": "ERA5 invariants (geopotential, land_sea_mask), CDS",
                     "Conventions": "CF-1.8"}
     return static

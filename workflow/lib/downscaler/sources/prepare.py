@@ -311,7 +311,7 @@ def open_inference_input(spec: dict, config: dict, raw_dir: Path | None = None) 
 
 
 def _fetch_cmip6_cds(spec: dict, config: dict, raw_dir: Path) -> list[Path]:
-    from downscaler.sources.cds import fetch_cmip6_cds
+    from downscaler.sources.cmip6 import fetch_cmip6_cds
 
     region = config.get("region")
     if region is not None:

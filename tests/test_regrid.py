@@ -193,3 +193,23 @@ def test_point_methods_stay_lazy_along_time():
         out = regrid(coarse, target, method)
         assert out["t"].chunks[0] == (2, 2)
         np.testing.assert_allclose(out["t"].values, regrid(coarse.compute(), target, method)["t"])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_block_mean_fast_path_equals_the_weight_matrices(threshold):
+    """coarsen_conservative's direct k x k block means (backend auto) give xarray-regrid's
+    conservative answer, NaN handling included, on a regional and a polar grid."""
+    rng = np.random.default_rng(3)
+    for south in (30.0, 82.0):  # the second reaches the pole
+        lat = south + 0.25 + 0.5 * np.arange(16)
+        lon = 0.25 + 0.5 * np.arange(24)
+        values = rng.normal(280, 5, (3, 16, 24)).astype("float32")
+        values[:, :3, :5] = np.nan
+        values[1, 5, 7] = np.nan
+        ds = xr.Dataset({"t2m": (("time", "lat", "lon"), values)},
+                        coords={"time": np.arange(3), "lat": lat, "lon": lon})
+        fast = coarsen_conservative(ds.chunk({"time": 2}), 4, "auto", threshold).compute()
+        ref = coarsen_conservative(ds, 4, "xarray-regrid", threshold)
+        np.testing.assert_allclose(fast["t2m"], ref["t2m"], rtol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(fast["lat"], ref["lat"])
+        assert fast["t2m"].dtype == np.float32

@@ -240,6 +240,26 @@ def crop_to_multiple(ds: xr.Dataset, factor: int) -> xr.Dataset:
     return ds.isel(lat=slice(0, n_lat), lon=slice(0, n_lon))
 
 
+def _block_mean_array(x: np.ndarray, weights: np.ndarray, factor: int,
+                      threshold: float) -> np.ndarray:
+    """[..., H, W] -> [..., H/k, W/k] area-weighted block means (NaN skipped, thresholded)."""
+    k = factor
+    lead, (h, w) = x.shape[:-2], x.shape[-2:]
+    valid = np.isfinite(x)
+    # sum k columns first (contiguous, in the input precision: k values), then weight the rows
+    # by their areas and sum k rows in float64 on the k-times smaller array
+    cols = np.where(valid, x, 0).reshape(*lead, h, w // k, k).sum(axis=-1, dtype=np.float64)
+    count = valid.reshape(*lead, h, w // k, k).sum(axis=-1, dtype=np.float64)
+    wcol = weights.astype(np.float64)[:, None]
+    num = (cols * wcol).reshape(*lead, h // k, k, w // k).sum(axis=-2)
+    area = (count * wcol).reshape(*lead, h // k, k, w // k).sum(axis=-2)
+    full = k * weights.astype(np.float64).reshape(h // k, k).sum(axis=-1)[:, None]
+    keep = (area > 0) & (area >= threshold * full * (1 - 1e-9))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(keep, num / np.where(area > 0, area, 1.0), np.nan)
+    return out.astype(x.dtype)
+
+
 def coarse_grid(fine: xr.Dataset, factor: int) -> xr.Dataset:
     """Target grid whose cells are exact k x k blocks of the (cropped) fine cells."""
     lat = fine["lat"].values.reshape(-1, factor).mean(axis=1)
@@ -255,14 +275,49 @@ def coarsen_conservative(
     """Conservatively coarsen `ds` (dims lat, lon, optionally time) by an integer factor.
 
     The grid is normalised and cropped to a multiple of `factor` first, so the result is the
-    exact area-weighted k x k block mean; see `regrid` for `nan_threshold`.
+    exact area-weighted k x k block mean; see `regrid` for `nan_threshold`. `backend` auto (or
+    block-mean) computes the block means directly (`block_mean`, ~4x faster than the weight
+    matrices); xesmf / xarray-regrid go through `regrid`.
     """
     if factor < 1:
         raise ValueError(f"regrid.factor must be >= 1, got {factor}")
     fine = crop_to_multiple(normalise_grid(ds), factor)
     if factor == 1:
         return fine
+    if backend in ("auto", "block-mean"):
+        return block_mean(fine, factor, nan_threshold)
     return regrid(fine, coarse_grid(fine, factor), "conservative", backend, nan_threshold)
+
+
+def block_mean(fine: xr.Dataset, factor: int, nan_threshold: float = 0.5) -> xr.Dataset:
+    """Exact conservative k x k block means (the fast path of `coarsen_conservative`).
+
+    When the coarse cells are exact blocks of fine cells, conservative regridding is the mean
+    of each block weighted by the fine cells' spherical areas (longitude weights are equal);
+    no weight matrix is needed. NaN cells are skipped; a block whose valid area fraction is
+    below `nan_threshold` is NaN (any valid cell is enough when it is 0). Lazy on dask data.
+    """
+    if not 0.0 <= nan_threshold <= 1.0:
+        raise ValueError(f"regrid.nan_threshold must be within [0, 1], got {nan_threshold}")
+    off = [n for n, v in fine.data_vars.items() if not {"lat", "lon"} <= set(v.dims)]
+    if off:
+        raise ValueError(f"regrid needs every variable on (lat, lon); {sorted(map(str, off))} "
+                         "are not")
+    weights = cell_area_weights(fine["lat"]).values
+    grid = coarse_grid(fine, factor)
+    out = {}
+    for name, da in fine.data_vars.items():
+        mean = xr.apply_ufunc(
+            _block_mean_array, da, input_core_dims=[["lat", "lon"]],
+            output_core_dims=[["clat", "clon"]], dask="parallelized",
+            kwargs={"weights": weights, "factor": factor, "threshold": nan_threshold},
+            output_dtypes=[da.dtype],
+            dask_gufunc_kwargs={"output_sizes": {"clat": grid.sizes["lat"],
+                                                 "clon": grid.sizes["lon"]}},
+        ).rename(clat="lat", clon="lon")
+        out[name] = mean.transpose(*da.dims).assign_attrs(da.attrs)
+    result = xr.Dataset(out, attrs=fine.attrs)
+    return result.assign_coords(lat=grid["lat"], lon=grid["lon"])
 
 
 def _bounds(centres: np.ndarray) -> np.ndarray:

@@ -259,3 +259,24 @@ def test_old_flat_config_still_works_with_a_warning():
         config = validate_config(copy.deepcopy(old))
     assert config["targets"]["source"] == "synthetic" and config["inputs"]["source"] == "coarsened"
     assert any("deprecated: use source -> targets.source" in str(w.message) for w in caught)
+
+
+def test_grid_points_on_the_region_edges_give_the_configured_grid(tmp_path):
+    """ERA5-style points on the region's edges (34.0 ... 42.0) are cropped half-open to the
+    16 rows the config implies, never to 17 (which no factor would divide), and statics on a
+    larger domain of the same grid are taken as they are (no regridding)."""
+    lat, lon = np.arange(34.0, 42.01, 0.5), np.arange(0.0, 8.01, 0.5)
+    time = pd.date_range("2000-01-01", periods=6)
+    values = np.full((6, lat.size, lon.size), 280.0, dtype="f4")
+    xr.Dataset({"t2m": (("time", "lat", "lon"), values, {"units": "K"})},
+               coords={"time": time, "lat": lat, "lon": lon}).to_netcdf(tmp_path / "t.nc")
+    big_lat, big_lon = np.arange(30.0, 46.01, 0.5), np.arange(-4.0, 12.01, 0.5)
+    orog = np.add.outer(big_lat, big_lon).astype("f4")
+    xr.Dataset({"orog": (("lat", "lon"), orog, {"units": "m"})},
+               coords={"lat": big_lat, "lon": big_lon}).to_netcdf(tmp_path / "orog.nc")
+    config = base_config(statics=["orography"], static_paths=[str(tmp_path / "orog.nc")])
+    config["targets"]["paths"] = [str(tmp_path / "t.nc")]
+    fields, static = load(config, tmp_path)
+    assert fields.sizes["lat"] == 16 and fields.sizes["lon"] == 16
+    assert float(fields["lat"][0]) == 34.0 and float(fields["lat"][-1]) == 41.5
+    np.testing.assert_array_equal(static["orog"], np.add.outer(lat[:-1], lon[:-1]))

@@ -29,12 +29,23 @@ from downscaler.variables import (
 
 
 def crop_region(ds: xr.Dataset, region: dict | None, margin: float = 0.0) -> xr.Dataset:
-    """Cells whose centres lie inside the region (edges in degrees, lon -180..180)."""
+    """Cells whose centres lie inside the region (edges in degrees, lon -180..180).
+
+    Without a margin the interval is half-open, [south, north) x [west, east): a grid whose
+    points sit on the region's edges (ERA5's 0.25 deg points at 30.0 ... 46.0 for region
+    30..46) gives exactly (north - south) / resolution rows, as the config promises, and a
+    cell-centred grid is unaffected. With a margin (inputs on another grid) both ends count.
+    """
     if region is None:
         return ds
     lat, lon = ds["lat"], ds["lon"]
-    inside_lat = (lat >= region["south"] - margin) & (lat <= region["north"] + margin)
-    inside_lon = (lon >= region["west"] - margin) & (lon <= region["east"] + margin)
+    if margin:
+        inside_lat = (lat >= region["south"] - margin) & (lat <= region["north"] + margin)
+        inside_lon = (lon >= region["west"] - margin) & (lon <= region["east"] + margin)
+    else:
+        eps = 1e-9
+        inside_lat = (lat >= region["south"] - eps) & (lat < region["north"] - eps)
+        inside_lon = (lon >= region["west"] - eps) & (lon < region["east"] - eps)
     out = ds.isel(lat=np.flatnonzero(inside_lat.values), lon=np.flatnonzero(inside_lon.values))
     if out.sizes["lat"] == 0 or out.sizes["lon"] == 0:
         raise ValueError(
@@ -250,14 +261,13 @@ def load_statics(static: xr.Dataset | None, wanted: list[str], grid: xr.Dataset,
         )
     static = static[wanted]
     check_plausible(static, origin)
-    same = (static.sizes.get("lat") == grid.sizes["lat"]
-            and static.sizes.get("lon") == grid.sizes["lon"])
-    try:
-        if not same:
-            raise KeyError
-        return static.reindex_like(grid[["lat", "lon"]], method="nearest", tolerance=1e-6)
+    try:  # the same grid points (or a larger domain on the same grid): taken as they are
+        out = static.reindex_like(grid[["lat", "lon"]], method="nearest", tolerance=1e-6)
+        if not bool(out.isnull().any().to_array().any()):
+            return out
     except (KeyError, ValueError):
-        return _statics_onto(static, grid, origin)
+        pass
+    return _statics_onto(static, grid, origin)
 
 
 def _statics_onto(static: xr.Dataset, grid: xr.Dataset, origin: str) -> xr.Dataset:

@@ -280,3 +280,23 @@ def test_grid_points_on_the_region_edges_give_the_configured_grid(tmp_path):
     assert fields.sizes["lat"] == 16 and fields.sizes["lon"] == 16
     assert float(fields["lat"][0]) == 34.0 and float(fields["lat"][-1]) == 41.5
     np.testing.assert_array_equal(static["orog"], np.add.outer(lat[:-1], lon[:-1]))
+
+
+def test_daily_files_stamped_at_noon_meet_the_period(tmp_path):
+    """Daily products often stamp 12:00: they are daily steps of the period, not missing ones;
+    sub-daily steps under frequency daily are named."""
+    path = write_targets(tmp_path / "t.nc")
+    with xr.open_dataset(path) as ds:
+        noon = ds.load().assign_coords(time=ds["time"] + np.timedelta64(12, "h"))
+    noon.to_netcdf(tmp_path / "noon.nc")
+    config = base_config()
+    config["targets"]["paths"] = [str(tmp_path / "noon.nc")]
+    fields, _ = load(config, tmp_path)
+    assert list(fields.indexes["time"].hour) == [0] * 6
+    twice = xr.concat([noon, noon.assign_coords(time=noon["time"] + np.timedelta64(6, "h"))],
+                      "time").sortby("time")
+    twice.to_netcdf(tmp_path / "twice.nc")
+    config["targets"]["paths"] = [str(tmp_path / "twice.nc")]
+    with pytest.raises(ValueError, match="several time steps per day, but config key frequency "
+                                         "is daily"):
+        load(config, tmp_path)

@@ -198,6 +198,18 @@ def _load_source(spec: dict, config: dict, raw_dir: Path, role: str,
     raise ValueError(f"config key {role}.source: unknown source {source!r}")
 
 
+def daily_stamps(fields: xr.Dataset, frequency: str, origin: str) -> xr.Dataset:
+    """Daily data stamped at 00:00 of their day (files often stamp 12:00), so inputs and
+    targets from different products meet on the same time steps."""
+    if frequency != "daily" or "time" not in fields.dims:
+        return fields
+    days = fields.indexes["time"].floor("D")
+    if days.has_duplicates:
+        raise ValueError(f"{origin}: several time steps per day, but config key frequency is "
+                         "daily; aggregate the files to daily values or set frequency: hourly")
+    return fields.assign_coords(time=days)
+
+
 def load_targets(config: dict, raw_dir: Path) -> tuple[xr.Dataset, xr.Dataset]:
     """Canonical target fields on the fine grid over region and period, and the source's statics.
 
@@ -207,6 +219,7 @@ def load_targets(config: dict, raw_dir: Path) -> tuple[xr.Dataset, xr.Dataset]:
     wanted = needed_statics(config)
     from_source = bool(wanted) and not config["static_paths"]
     fields, static, origin = _load_source(spec, config, raw_dir, "targets", from_source)
+    fields = daily_stamps(fields, config["frequency"], origin)
     check_coverage(fields, config, origin)
     fields = crop_region(fields, config["region"])
     check_resolution(fields, spec["resolution"], origin, "targets.resolution")
@@ -226,6 +239,7 @@ def load_inputs(config: dict, raw_dir: Path) -> xr.Dataset:
     """Canonical input fields on their own grid, over the region (plus a margin) and period."""
     spec = config["inputs"]
     fields, _, origin = _load_source(spec, config, raw_dir, "inputs", False)
+    fields = daily_stamps(fields, config["frequency"], origin)
     check_coverage(fields, config, origin)
     spacing = max(_spacing(fields["lat"].values), _spacing(fields["lon"].values))
     fields = crop_region(fields, config["region"], margin=spacing)

@@ -1,6 +1,7 @@
 """Pairs (nesting, splits, train-only statistics, normalisation) and the zarr tile store."""
 
 import importlib.util
+import json
 
 import dask
 import numpy as np
@@ -214,3 +215,48 @@ def test_scheduler_selection():
         with pytest.raises(ImportError, match="needs dask.distributed: pip install"):
             with dask_scheduler("tcp://127.0.0.1:1"):
                 pass
+
+
+def test_inputs_from_another_dataset_many_to_few_with_calendar(tmp_path):
+    """Separate inputs: fine-grid inputs (other variables than the targets) are block-averaged
+    exactly like coarsened targets; inputs on a 1-degree grid offset from the coarse grid are
+    regridded conservatively; calendar features are in coarse.nc; stats.json names the roles;
+    the tiles hold the inputs in x and the targets in y."""
+    from downscaler.pairs import calendar_features
+    from downscaler.regrid import coarsen_conservative
+
+    fields, static = random_fields(n_time=6, n_lat=16, n_lon=24)
+    rng = np.random.default_rng(1)
+    wind = fields[["t2m"]].rename(t2m="u10").copy(
+        data={"u10": rng.normal(0, 5, fields["t2m"].shape).astype("f4")})
+    fine, coarse = make_pairs(fields[["t2m"]], static, 4, inputs=wind, input_names=["u10"])
+    np.testing.assert_allclose(coarse["u10"], coarsen_conservative(wind, 4)["u10"], rtol=1e-6)
+    assert "t2m" not in coarse and "u10" not in fine and "orog" in coarse
+
+    # inputs on their own 1-degree grid, half a degree off the coarse cells, larger domain
+    lat, lon = np.arange(29.0, 36.0, 1.0), np.arange(-9.0, 0.0, 1.0)
+    z = xr.Dataset({"z500": (("time", "lat", "lon"),
+                             np.broadcast_to(5.5e4 + 10 * lat[:, None], (6, 7, 9)).astype("f4"))},
+                   coords={"time": fields["time"], "lat": lat, "lon": lon})
+    _, coarse = make_pairs(fields[["t2m"]], static, 4, inputs=z, calendar=["doy_sin", "doy_cos"])
+    # a field linear in latitude keeps its value at the coarse cell centres
+    np.testing.assert_allclose(coarse["z500"].isel(time=0, lon=0),
+                               5.5e4 + 10 * coarse["lat"].values, rtol=1e-6)
+    expected = calendar_features(fields["time"].values, ["doy_sin"], coarse)["doy_sin"]
+    np.testing.assert_allclose(coarse["doy_sin"], expected)
+    assert float(coarse["doy_sin"].isel(time=0, lat=0, lon=0)) == pytest.approx(0.0, abs=1e-6)
+
+    roles = {"inputs": ["z500", "doy_sin", "doy_cos"], "targets": ["t2m"],
+             "calendar": ["doy_sin", "doy_cos"], "statics": ["orog", "latitude"]}
+    paths = [str(tmp_path / n) for n in ("fine.nc", "coarse.nc", "stats.json")]
+    regrid_cfg = {"factor": 4, "scheduler": "synchronous"}
+    write_pairs(fields, static, regrid_cfg, SPLIT, roles, *paths, inputs=z)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["inputs"] == roles["inputs"] and stats["targets"] == ["t2m"]
+    assert set(stats) >= {"z500", "doy_sin", "t2m", "orog", "latitude"} and "lsm" not in stats
+    with xr.open_dataset(paths[0]) as f, xr.open_dataset(paths[1]) as c:
+        write_tiles(f, c, ["t2m"], ["orog", "latitude"], stats,
+                    {"div_lat": 1, "div_lon": 2, "halo": 1, "pad_mode": "symmetric"},
+                    str(tmp_path / "t.zarr"), inputs=roles["inputs"])
+    x, s, y = TileDataset(str(tmp_path / "t.zarr"))[0]
+    assert x.shape == (3, 6, 5) and s.shape == (2, 24, 20) and y.shape == (1, 24, 20)

@@ -36,7 +36,7 @@ def calendar_features(times: np.ndarray, names: list[str], grid: xr.Dataset) -> 
     """sin/cos of the hour of day and of the day of year, the same in every cell of `grid`."""
     index = pd.DatetimeIndex(times)
     hour = 2 * np.pi * (index.hour + index.minute / 60.0) / 24.0
-    day = 2 * np.pi * (index.dayofyear - 1 + index.hour / 24.0) / DAYS_PER_YEAR
+    day = 2 * np.pi * (index.day_of_year - 1 + index.hour / 24.0) / DAYS_PER_YEAR
     values = {"hour_sin": np.sin(hour), "hour_cos": np.cos(hour),
               "doy_sin": np.sin(day), "doy_cos": np.cos(day)}
     ones = xr.ones_like(grid["lat"] * grid["lon"], dtype="float32").transpose("lat", "lon")
@@ -95,6 +95,9 @@ def make_pairs(
         names = input_names or list(fields.data_vars)
         coarse = xr.merge([coarse_all[names], coarse_static])
     else:
+        if _same_grid(normalise_grid(inputs), fine):  # inputs on the target grid: exact blocks
+            inputs = coarsen_conservative(inputs, factor, backend=backend,
+                                          nan_threshold=nan_threshold)
         coarse_inputs = inputs_on_grid(inputs, coarse_all, fine["time"].values, backend,
                                        nan_threshold)
         names = input_names or list(inputs.data_vars)
@@ -102,6 +105,11 @@ def make_pairs(
     if calendar:
         coarse = xr.merge([coarse, calendar_features(fine["time"].values, calendar, coarse)])
     return fine, coarse
+
+
+def _same_grid(a: xr.Dataset, b: xr.Dataset) -> bool:
+    return (a.sizes["lat"] == b.sizes["lat"] and a.sizes["lon"] == b.sizes["lon"]
+            and np.allclose(a["lat"], b["lat"]) and np.allclose(a["lon"], b["lon"]))
 
 
 def inputs_on_grid(inputs: xr.Dataset, grid: xr.Dataset, times: np.ndarray, backend: str,
@@ -115,9 +123,7 @@ def inputs_on_grid(inputs: xr.Dataset, grid: xr.Dataset, times: np.ndarray, back
             f"{missing[0]:%Y-%m-%d %H:%M}); give inputs over the same period and frequency"
         )
     inputs = inputs.sel(time=times)
-    same = (inputs.sizes["lat"] == grid.sizes["lat"] and inputs.sizes["lon"] == grid.sizes["lon"]
-            and np.allclose(inputs["lat"], grid["lat"]) and np.allclose(inputs["lon"], grid["lon"]))
-    if same:
+    if _same_grid(inputs, grid):
         return inputs.assign_coords(lat=grid["lat"], lon=grid["lon"])
     out = regrid(inputs, grid[["lat", "lon"]], "conservative", backend=backend,
                  nan_threshold=nan_threshold)

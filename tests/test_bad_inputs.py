@@ -99,6 +99,11 @@ CONFIG_CASES = {
         "move them (source -> targets.source); e.g. targets: {source: local, variables: "
         "[2m_temperature], resolution: 0.25, paths: [...]}, inputs: {source: coarsened} "
         "(README, 'Bring your own data')"),
+    "inputs finer than the targets": (
+        lambda c: c.update(inputs={"source": "local", "paths": ["x.nc"], "resolution": 0.1}),
+        "config key inputs.resolution: 0.1 deg is finer than targets.resolution 0.5; there is "
+        "nothing to downscale. Inputs must be coarser than the targets (the model's coarse grid "
+        "is targets.resolution x regrid.factor)"),
     "region not a multiple of the resolution": (
         lambda c: c["targets"].update(resolution=0.3),
         "config key region: extent 8.0 deg is not a multiple of targets.resolution 0.3"),

@@ -211,6 +211,15 @@ def _check_sources(config: dict) -> None:
         if config[part]["source"] == "local" and not config[part]["paths"]:
             raise ConfigError(f"config key {part}.paths: source local needs files or glob "
                               "patterns")
+    given = config["inputs"]["resolution"]
+    if config["inputs"]["source"] != "coarsened" and given and given < config["targets"][
+            "resolution"]:
+        raise ConfigError(
+            f"config key inputs.resolution: {given:g} deg is finer than targets.resolution "
+            f"{config['targets']['resolution']:g}; there is nothing to downscale. Inputs must be "
+            "coarser than the targets (the model's coarse grid is targets.resolution x "
+            "regrid.factor)"
+        )
     if config["inputs"]["source"] == "synthetic" and config["targets"]["source"] != "synthetic":
         raise ConfigError("config key inputs.source: synthetic inputs come from the synthetic "
                           "world of the targets; set targets.source: synthetic too")

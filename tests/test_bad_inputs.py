@@ -99,6 +99,11 @@ CONFIG_CASES = {
         "move them (source -> targets.source); e.g. targets: {source: local, variables: "
         "[2m_temperature], resolution: 0.25, paths: [...]}, inputs: {source: coarsened} "
         "(README, 'Bring your own data')"),
+    "old era5 pressure-level keys": (
+        lambda c: c.update(era5={"pressure_levels": [850], "pressure_level_variables": ["t"]}),
+        "config keys era5.pressure_level_variables / era5.pressure_levels are no longer used: "
+        "name each pressure-level variable in inputs.variables (or targets.variables) as "
+        "name@hPa, e.g. [temperature@850, geopotential@500]"),
     "inputs finer than the targets": (
         lambda c: c.update(inputs={"source": "local", "paths": ["x.nc"], "resolution": 0.1}),
         "config key inputs.resolution: 0.1 deg is finer than targets.resolution 0.5; there is "

@@ -62,6 +62,13 @@ def _check_old_keys(config: dict) -> None:
     """Translate the flat keys of the old single-dataset config (the coarsened-targets mode),
     with a warning naming the new keys; mixing them with the new blocks is an error."""
     targets = config.get("targets") or {}
+    levels = sorted({"pressure_levels", "pressure_level_variables"} & set(config.get("era5") or {}))
+    if levels:
+        raise ConfigError(
+            f"config keys era5.{' / era5.'.join(levels)} are no longer used: name each "
+            "pressure-level variable in inputs.variables (or targets.variables) as name@hPa, "
+            "e.g. [temperature@850, geopotential@500]"
+        )
     old = [k for k in OLD_KEYS if k in config]
     if "variables" in old and config["variables"] == targets.get("variables"):
         old.remove("variables")  # the derived key of an already validated config

@@ -81,18 +81,23 @@ def train(args, config: dict) -> None:
 
 
 def infer(args, config: dict) -> None:
-    from downscaler.infer import run_inference
+    from downscaler.infer import MaskedTally, run_inference
 
     if args.split not in ("all", *config["split"]):
         raise ValueError(f"--split must be 'all' or one of {sorted(config['split'])}, "
                          f"got {args.split!r}")
     period = None if args.split == "all" else config["split"][args.split]
     opts = config["infer"]
+    # the ensemble applies to the model's own runs, not to a learned baseline's
+    ensemble = opts.get("ensemble") if args.architecture == "reslim" else None
+    tally = MaskedTally()
     sizes = run_inference(args.checkpoint, args.coarse, args.fine, args.out, period=period,
                           batch_size=opts["batch_size"], blend=opts["blend"],
                           time_chunk=opts["time_chunk"], fmt=opts["format"],
-                          processes=opts["processes"], architecture=args.architecture)
+                          processes=opts["processes"], architecture=args.architecture,
+                          ensemble=ensemble, tally=tally)
     print(f"infer: wrote {sum(sizes)} time steps in {len(sizes)} chunks to {args.out}")
+    print(f"infer: {tally.summary()}")
 
 
 def evaluate(args, config: dict) -> None:

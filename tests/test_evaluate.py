@@ -78,6 +78,18 @@ def test_seam_figure(tmp_path):
     assert pd.read_csv(tmp_path / "seams.csv").shape == (len(rows), 5)
 
 
+def test_one_tile_has_no_seams_and_a_note_instead_of_a_figure(tmp_path):
+    """Issue 16 section 3: div 1x1, halo 0 is a valid tiling; the seam check says so."""
+    coarse, fine, static, stats = _data(n_time=2, n_lat=8, n_lon=8)
+    payload = _payload(stats, div=(1, 1), halo=0, patch=1)
+    assert S.seam_settings(payload) == {"halo 0 (as trained)": {}}
+    errors = S.seam_errors(LocalModel(), payload, coarse, xr.merge([fine, static]))
+    assert errors.empty and list(errors.columns) == S.COLUMNS
+    paths = write_seams(errors, tmp_path / "seams.csv", tmp_path / "seams.png", 0)
+    _check(paths, tmp_path / "seams")
+    assert pd.read_csv(tmp_path / "seams.csv").empty
+
+
 def _bench_files(folder):
     folder.mkdir()
     # Layout of benchmarks/bench_reslim_vs_baseline.py: cases under a dict with args.

@@ -373,10 +373,12 @@ def plot_seams(
     `errors` is `seams.seam_errors`' table (setting, variable, distance, rmse, n); one panel per
     variable, one line per setting (trained halo, halo 0, whole domain). A flat line means no
     seam; a rise towards distance 0 means tiles lack context at their borders. `halo_fine`
-    marks the trained halo width.
+    marks the trained halo width. An empty table (one tile: no borders) gives a figure that
+    says there are no seams.
     """
     if errors.empty:
-        raise ValueError("no seam-check errors to plot")
+        # one tile (div 1 x 1, not wrapping round the globe): nothing to check, say so
+        return _save(_message_figure("TILES seam check: no seams", NO_SEAMS_NOTE), path)
     variables = list(dict.fromkeys(errors["variable"]))
     n = len(variables)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), constrained_layout=True,
@@ -400,6 +402,13 @@ def plot_seams(
         ax.legend(fontsize=8)
     fig.suptitle("TILES seam check: error vs distance to tile borders")
     return _save(fig, path)
+
+
+NO_SEAMS_NOTE = [
+    "The tiling has a single tile (tiles.div_lat = tiles.div_lon = 1) and the domain",
+    "does not wrap round the globe: there are no tile borders, so there are no seams.",
+    "Nothing to check; the seam-check table is empty.",
+]
 
 
 def _message_figure(title: str, lines: list[str]) -> plt.Figure:

@@ -418,3 +418,34 @@ def test_verdict_says_plainly_when_the_model_loses():
     assert '<span style="color:red">**tp: NO' in first and "10.0% higher" in first
     rst = verdict_rst(df)
     assert rst.startswith(".. raw:: html") and "color:red" in rst and "tp: NO" in rst
+
+
+def test_ssim_equals_scikit_image():
+    """Our SSIM is scikit-image's Gaussian-window SSIM (Wang et al. 2004) to float rounding;
+    it stays hand-written because the streaming evaluation needs it per image with NaN masks."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(4)
+    truth = rng.normal(280, 3, (3, 24, 32))
+    pred = truth + rng.normal(0, 1.5, truth.shape)
+    L = float(truth.max() - truth.min())
+    ours = M.ssim_images(pred, truth, L)
+    theirs = [structural_similarity(t, p, data_range=L, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False)
+              for p, t in zip(pred, truth, strict=True)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10)
+
+
+def test_pearson_and_weighted_rmse_equal_reference_implementations():
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(5)
+    lat = np.linspace(-60, 60, 12)
+    t = xr.DataArray(rng.normal(0, 1, (4, 12, 10)), dims=("time", "lat", "lon"),
+                     coords={"lat": lat})
+    p = 0.8 * t + rng.normal(0, 0.5, t.shape)
+    assert float(M.pearson_r(p, t)) == pytest.approx(pearsonr(p.values.ravel(),
+                                                              t.values.ravel())[0], rel=1e-12)
+    w = np.broadcast_to(np.cos(np.deg2rad(lat))[None, :, None], t.shape)
+    expect = np.sqrt(np.average((p.values - t.values) ** 2, weights=w))
+    assert float(M.rmse(p, t, lat_weighted=True)) == pytest.approx(expect, rel=1e-12)

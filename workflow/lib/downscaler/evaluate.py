@@ -178,7 +178,8 @@ class Evaluation:
                     self.scatter[v] += np.histogram2d(
                         np.clip(t[ok], sc_edges[0], sc_edges[-1]),
                         np.clip(p[ok], sc_edges[0], sc_edges[-1]), [sc_edges, sc_edges])[0]
-            if self.steps <= self.map_time < self.steps + n or (v not in self.maps):
+            # the map shows step map_time, or the last step when the period is shorter
+            if self.map_time >= self.steps or v not in self.maps:
                 i = min(max(self.map_time - self.steps, 0), n - 1)
                 base = preds.get("bicubic", preds.get("mos"))
                 self.maps[v] = {

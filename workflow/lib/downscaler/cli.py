@@ -131,6 +131,7 @@ def evaluate(args, config: dict) -> None:
     from downscaler.evaluate import (
         UPSAMPLE_VIT,
         io_lists,
+        limit_netcdf_cache,
         run_evaluation,
         unavailable_notes,
         write_scores,
@@ -139,6 +140,7 @@ def evaluate(args, config: dict) -> None:
     from downscaler.infer import open_downscaled
     from downscaler.pairs import split_by_time
 
+    limit_netcdf_cache()  # before any file is opened
     opts = config["evaluate"]
     test_split = {"test": config["split"]["test"]}
     stats = read_json(args.stats)

@@ -238,6 +238,18 @@ class Evaluation:
         return paths
 
 
+# netCDF-C keeps a chunk cache per open variable (64 MiB by default here) that fills as a file
+# is read: the streaming pass reads every chunk once, so a small cache bounds memory for free.
+NETCDF_CACHE_BYTES = 4 * 2**20
+
+
+def limit_netcdf_cache(nbytes: int = NETCDF_CACHE_BYTES) -> None:
+    """Use a `nbytes` chunk cache per variable for netCDF files opened from now on."""
+    import netCDF4
+
+    netCDF4.set_chunk_cache(nbytes, 1009, 0.75)
+
+
 def run_evaluation(downscaled: xr.Dataset, coarse: xr.Dataset, truth: xr.Dataset,
                    baselines: list[str], *, inputs: list[str] | None = None,
                    targets: list[str] | None = None, fitted: xr.Dataset | None = None,

@@ -15,7 +15,14 @@ rule fit_baselines:
     conda:
         "../../envs/cpu.yaml"
     params:
-        cfg=stage_config("split", "evaluate"),
+        # only what the fit reads, so other evaluate keys do not re-run it
+        cfg=json.dumps(
+            {
+                "split": config["split"],
+                "evaluate": {"time_chunk": config["evaluate"]["time_chunk"]},
+            },
+            sort_keys=True,
+        ),
     shell:
         "python -m downscaler.cli fit_baselines --config {params.cfg:q} --fine {input.fine}"
         " --coarse {input.coarse} --stats {input.stats} --out {output} > {log} 2>&1"

@@ -289,7 +289,7 @@ infer: {time_chunk: 4}
 """
 
 
-def _random_checkpoint(results):
+def _random_checkpoint(results, **overrides):
     """A checkpoint of an untrained tiny Reslim for the tiles the workflow made, and a short
     training log: the report test exercises inference, evaluation and the report, not training."""
     import torch
@@ -300,7 +300,7 @@ def _random_checkpoint(results):
     attrs = dict(zarr.open_group(str(results / "tiles" / "train.zarr"), mode="r").attrs)
     torch.manual_seed(0)
     model = build_model("tiny", attrs["variables"], attrs["variables"], attrs["statics"],
-                        mag=attrs["factor"])
+                        mag=attrs["factor"], **overrides)
     tiling = {k: attrs[k] for k in ("div_lat", "div_lon", "halo", "pad_mode", "factor")}
     save_checkpoint(results / "model" / "checkpoint.pt", model, variables=attrs["variables"],
                     statics=attrs["statics"], stats=attrs["stats"], tiling=tiling,
@@ -348,3 +348,38 @@ def test_tiny_workflow_builds_the_report(tmp_path):
     assert "tiles_seams.png" in html and "metrics.csv" in html
     # the verdict is on the first page (an untrained model loses: in red)
     assert "beat the best baseline?" in html and "color:red" in html
+
+
+@pytest.mark.slow
+def test_tiny_workflow_with_one_tile_and_an_mc_dropout_ensemble(tmp_path):
+    """One tile (div 1x1, halo 0) and infer.ensemble through Snakemake: the seam rule says there
+    are no seams, the output has members, the scores have CRPS and the rank histogram exists."""
+    config = TINY_CONFIG.replace("tiles: {div_lat: 2, div_lon: 2, halo: 1, pad_mode: symmetric}",
+                                 "tiles: {div_lat: 1, div_lon: 1, halo: 0}")
+    config = config.replace("model: {preset: tiny}", "model: {preset: tiny, dropout: 0.2}")
+    config = config.replace("infer: {time_chunk: 4}",
+                            "infer: {time_chunk: 4, ensemble: {mc_dropout: 3}}")
+    assert "mc_dropout" in config and "div_lat: 1" in config
+    (tmp_path / "config.yaml").write_text(config)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    snakemake = shutil.which("snakemake", path=env["PATH"])
+    base = [snakemake, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+            "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "-q"]
+
+    def run(*args):
+        done = subprocess.run([*base, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("--omit-from", "train")
+    _random_checkpoint(tmp_path / "results", dropout=0.2)
+    run()
+    results = tmp_path / "results"
+    with xr.open_dataset(results / "downscaled" / "test.nc") as ds:
+        assert ds["t2m"].dims == ("time", "member", "lat", "lon") and ds.sizes["member"] == 3
+    metrics = pd.read_csv(results / "evaluation" / "metrics.csv")
+    crps = metrics[(metrics["metric"] == "crps") & (metrics["method"] == "reslim")]
+    assert set(crps["variable"]) == {"t2m", "tp", "tp_log1p"} and (crps["value"] > 0).all()
+    figures = results / "evaluation" / "figures"
+    assert (figures / "rank_histogram.png").stat().st_size > 5_000
+    assert pd.read_csv(results / "evaluation" / "tiles_seams.csv").empty
+    assert (figures / "tiles_seams.png").stat().st_size > 5_000

@@ -449,3 +449,19 @@ def test_pearson_and_weighted_rmse_equal_reference_implementations():
     w = np.broadcast_to(np.cos(np.deg2rad(lat))[None, :, None], t.shape)
     expect = np.sqrt(np.average((p.values - t.values) ** 2, weights=w))
     assert float(M.rmse(p, t, lat_weighted=True)) == pytest.approx(expect, rel=1e-12)
+
+
+def test_ssim_with_a_masked_region_stays_finite():
+    rng = np.random.default_rng(6)
+    truth = rng.normal(280, 3, (2, 24, 32))
+    pred = truth + rng.normal(0, 1.0, truth.shape)
+    masked = truth.copy()
+    masked[:, :, :12] = np.nan  # "sea" over a third of the domain
+    L = float(np.nanmax(masked) - np.nanmin(masked))
+    score = M.ssim_images(pred, masked, L)
+    assert np.isfinite(score).all() and all(0 < x < 1 for x in score)
+    assert M.ssim_images(masked, masked, L) == pytest.approx([1.0, 1.0])
+    # only the valid part counts: noise on the masked part changes nothing
+    noisier = pred.copy()
+    noisier[:, :, :12] += 50
+    assert M.ssim_images(noisier, masked, L) == pytest.approx(score)

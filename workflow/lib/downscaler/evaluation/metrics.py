@@ -135,7 +135,10 @@ def ssim(pred: xr.DataArray, truth: xr.DataArray, data_range: float | None = Non
         SSIM = (2 mu_p mu_t + C1)(2 cov_pt + C2) / ((mu_p^2 + mu_t^2 + C1)(var_p + var_t + C2))
 
     The map is averaged after cropping the 5-pixel border the window cannot cover (as
-    scikit-image does), unless the image is too small to crop. 1 means identical.
+    scikit-image does, to 1e-10: tested), unless the image is too small to crop. 1 means
+    identical. Pixels missing in either field are set to the truth image's mean in both before
+    filtering and left out of the average, so a masked region (a land-only product) does not
+    blank the whole image.
     """
     L = _data_range(truth, data_range)
     scores = ssim_images(_as_images(pred), _as_images(truth), L)
@@ -153,14 +156,24 @@ def ssim_images(pred: np.ndarray, truth: np.ndarray, data_range: float) -> list[
 
     scores = []
     for p, t in zip(pred, truth, strict=True):
+        valid = np.isfinite(p) & np.isfinite(t)
+        if not valid.any():
+            scores.append(float("nan"))
+            continue
+        if not valid.all():
+            # masked pixels (e.g. sea for a land-only product): both set to the truth's mean, so
+            # a mask does not blank every window it touches, and left out of the average below
+            fill = float(t[valid].mean())
+            p, t = np.where(valid, p, fill), np.where(valid, t, fill)
         mp, mt = blur(p), blur(t)
         vp = blur(p * p) - mp**2
         vt = blur(t * t) - mt**2
         cov = blur(p * t) - mp * mt
         smap = ((2 * mp * mt + c1) * (2 * cov + c2)) / ((mp**2 + mt**2 + c1) * (vp + vt + c2))
+        smap = np.where(valid, smap, np.nan)
         if smap.shape[0] > 2 * radius and smap.shape[1] > 2 * radius:
             smap = smap[radius:-radius, radius:-radius]
-        scores.append(float(np.nanmean(smap)))
+        scores.append(float(np.nanmean(smap)) if np.isfinite(smap).any() else float("nan"))
     return scores
 
 

@@ -13,9 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from downscaler.evaluate import predictions, write_scaling, write_scores, write_seams
+from downscaler.evaluate import (
+    predictions,
+    run_evaluation,
+    unavailable_notes,
+    write_scaling,
+    write_scores,
+    write_seams,
+)
 from downscaler.evaluation import benchmarks as B
 from downscaler.evaluation import seams as S
+from downscaler.evaluation import statistical as ST
 
 from tests.conftest import REPO
 from tests.test_figures import _check
@@ -78,6 +86,18 @@ def test_seam_figure(tmp_path):
     assert pd.read_csv(tmp_path / "seams.csv").shape == (len(rows), 5)
 
 
+def test_one_tile_has_no_seams_and_a_note_instead_of_a_figure(tmp_path):
+    """Issue 16 section 3: div 1x1, halo 0 is a valid tiling; the seam check says so."""
+    coarse, fine, static, stats = _data(n_time=2, n_lat=8, n_lon=8)
+    payload = _payload(stats, div=(1, 1), halo=0, patch=1)
+    assert S.seam_settings(payload) == {"halo 0 (as trained)": {}}
+    errors = S.seam_errors(LocalModel(), payload, coarse, xr.merge([fine, static]))
+    assert errors.empty and list(errors.columns) == S.COLUMNS
+    paths = write_seams(errors, tmp_path / "seams.csv", tmp_path / "seams.png", 0)
+    _check(paths, tmp_path / "seams")
+    assert pd.read_csv(tmp_path / "seams.csv").empty
+
+
 def _bench_files(folder):
     folder.mkdir()
     # Layout of benchmarks/bench_reslim_vs_baseline.py: cases under a dict with args.
@@ -128,16 +148,125 @@ def test_learned_baseline_joins_the_score_table(tmp_path):
     coarse, fine, _, _ = _data(n_time=3)
     truth = fine[VARS]
     vit = truth + 0.5
-    preds = predictions(truth + 0.1, coarse, truth, ["bilinear"], {"upsample_vit": vit})
+    preds = predictions(truth + 0.1, coarse, truth, ["bilinear"], learned={"upsample_vit": vit})
     assert list(preds) == ["reslim", "upsample_vit", "bilinear"]
-    write_scores(preds, truth, tmp_path / "m.csv", tmp_path / "t.md")
+    ev = run_evaluation(truth + 0.1, coarse, truth, ["bilinear"],
+                        learned={"upsample_vit": vit}, time_chunk=2)
+    write_scores(ev.table(), tmp_path / "m.csv", tmp_path / "t.md", tmp_path / "v.rst")
     table = pd.read_csv(tmp_path / "m.csv")
     bias = table[(table["metric"] == "bias") & (table["variable"] == "t2m")]
     np.testing.assert_allclose(bias.set_index("method").loc[["reslim", "upsample_vit"], "value"],
                                [0.1, 0.5], atol=1e-4)
     assert "| upsample_vit | t2m (K)" in (tmp_path / "t.md").read_text()
     with pytest.raises(KeyError, match="upsample_vit"):
-        predictions(truth, coarse, truth, [], {"upsample_vit": vit.drop_vars("tp")})
+        predictions(truth, coarse, truth, [], learned={"upsample_vit": vit.drop_vars("tp")})
+
+
+def _calendar_data(n_days=60, seed=0):
+    """Fine truth = bicubic(coarse) + a fixed residual pattern per (hour, month) per pixel +
+    a linear function of the interpolated inputs, hourly every 6 h over two months."""
+    coarse, fine, static, stats = _data(n_time=4 * n_days, n_lat=4, n_lon=4, seed=seed)
+    time = np.datetime64("2000-01-01T00") + np.arange(4 * n_days) * np.timedelta64(6, "h")
+    coarse = coarse.assign_coords(time=time)
+    fine = fine.assign_coords(time=time)
+    return coarse, fine, static, stats
+
+
+def test_residual_climatology_recovers_a_calendar_pattern_exactly():
+    coarse, fine, _, _ = _calendar_data()
+    up = ST.interpolate_inputs(coarse, VARS, fine["lat"].values, fine["lon"].values)
+    rng = np.random.default_rng(0)
+    hours, months = coarse["time"].dt.hour.values, coarse["time"].dt.month.values
+    pattern = rng.normal(0, 2, (24, 13, fine.sizes["lat"], fine.sizes["lon"]))
+    truth = up[["t2m"]].copy()
+    truth["t2m"] = up["t2m"] + pattern[hours, months]
+    fitted = ST.fit_statistical(coarse, truth, VARS, ["t2m"], time_chunk=7)
+    assert fitted["hour"].values.tolist() == [0, 6, 12, 18]
+    pred = ST.predict_statistical("residual_climatology", fitted, up, ["t2m"])
+    np.testing.assert_allclose(pred["t2m"].values, truth["t2m"].values, atol=1e-3)
+    # a (hour, month) never seen falls back to that hour's mean over the months seen
+    later = up.assign_coords(time=up["time"].values + np.timedelta64(120, "D"))
+    pred = ST.predict_statistical("residual_climatology", fitted, later.isel(time=[0]),
+                                  ["t2m"])
+    seen = fitted["t2m_residual"].sel(hour=0).isel(month=[0, 1])
+    count = fitted["t2m_residual_count"].sel(hour=0).isel(month=[0, 1])
+    expect = up["t2m"].isel(time=0) + (seen * count).sum("month") / count.sum("month")
+    np.testing.assert_allclose(pred["t2m"].isel(time=0).values, expect.values, atol=1e-3)
+
+
+def test_mos_recovers_a_per_pixel_linear_relation_and_handles_missing_targets():
+    coarse, fine, _, _ = _calendar_data(n_days=20)
+    up = ST.interpolate_inputs(coarse, VARS, fine["lat"].values, fine["lon"].values)
+    rng = np.random.default_rng(1)
+    shape = (fine.sizes["lat"], fine.sizes["lon"])
+    a, b, c = (rng.normal(0, 1, shape) for _ in range(3))
+    target = (a + b * (up["t2m"] - 280) + c * up["tp"]).transpose("time", "lat", "lon")
+    truth = xr.Dataset({"t2m": target})
+    truth["t2m"][:, 0, 0] = np.nan  # a pixel without data: no fit, NaN prediction
+    truth["t2m"][::3, 1, 1] = np.nan  # gaps are left out of the sums
+    fitted = ST.fit_statistical(coarse, truth, VARS, ["t2m"], time_chunk=9)
+    pred = ST.predict_statistical("mos", fitted, up, ["t2m"])
+    assert np.isnan(pred["t2m"][:, 0, 0]).all()
+    ok = np.isfinite(truth["t2m"].values)
+    np.testing.assert_allclose(pred["t2m"].values[ok], target.values[ok], atol=2e-3)
+    # a target that is not an input has MOS but no residual climatology
+    assert "t2m_residual" not in ST.fit_statistical(coarse, truth.rename(t2m="t2m_obs"),
+                                                     VARS, ["t2m_obs"], time_chunk=9)
+    with pytest.raises(ValueError, match="unknown statistical baseline"):
+        ST.predict_statistical("climatology", fitted, up, ["t2m"])
+
+
+def test_streaming_evaluation_with_every_baseline_an_ensemble_and_figures(tmp_path):
+    """The evaluation stage's library path: statistical baselines in the table, an ensemble's
+    CRPS / spread-skill / rank histogram, the same deterministic scores chunk by chunk, and
+    every figure written."""
+    coarse, fine, _, _ = _calendar_data(n_days=12)
+    truth = fine[VARS]
+    fitted = ST.fit_statistical(coarse.isel(time=slice(0, 32)), truth.isel(time=slice(0, 32)),
+                                VARS, VARS, time_chunk=8)
+    test = slice(32, None)
+    rng = np.random.default_rng(2)
+    model = truth.isel(time=test) + 0.3
+    members = xr.concat([model + rng.normal(0, 0.5, model["t2m"].shape) for _ in range(4)],
+                        dim="member").transpose("time", "member", "lat", "lon")
+    members["tp"] = members["tp"].clip(min=0)
+    baselines = ["nearest", "bilinear", "bicubic", "residual_climatology", "mos"]
+    one = run_evaluation(members, coarse, truth, baselines, fitted=fitted, time_chunk=5)
+    table = one.table()
+    assert set(table["method"]) == {"reslim", *baselines}
+    ens = table[table["metric"].isin(["crps", "spread_skill_ratio"])]
+    assert set(ens["variable"]) == {"t2m", "tp", "tp_log1p"} and ens["value"].notna().all()
+    whole = run_evaluation(members, coarse, truth, baselines, fitted=fitted, time_chunk=100)
+    det = ~table["metric"].isin(["crps", "spread", "spread_skill_ratio", "members"])
+    np.testing.assert_allclose(table[det]["value"], whole.table()[det]["value"], rtol=1e-9)
+    # the deterministic scores of the ensemble run are those of its mean
+    mean = run_evaluation(members.mean("member"), coarse, truth, baselines, fitted=fitted,
+                          time_chunk=5).table()
+    assert "crps" not in set(mean["metric"])
+    np.testing.assert_allclose(mean["value"], table[det]["value"], rtol=1e-6)
+    paths = one.write_figures(tmp_path, table)
+    names = {p.name for p in paths}
+    for kind in ("maps", "spectra", "pdfs", "scatter", "bias"):
+        for v in VARS:
+            assert f"{kind}_{v}.png" in names
+    assert {"skill.png", "rank_histogram.png"} <= names
+    for name in ("bias_t2m", "rank_histogram", "skill", "scatter_tp"):
+        _check((tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"), tmp_path / name)
+
+
+def test_a_target_that_is_not_an_input_skips_the_interpolation_baselines(tmp_path):
+    coarse, fine, _, _ = _calendar_data(n_days=8)
+    truth = fine[["t2m"]].rename(t2m="t2m_obs")
+    inputs = VARS
+    fitted = ST.fit_statistical(coarse, truth.isel(time=slice(0, 16)), inputs, ["t2m_obs"])
+    model = truth.isel(time=slice(16, None)) + 0.2
+    ev = run_evaluation(model, coarse, truth, ["bicubic", "residual_climatology", "mos"],
+                        inputs=inputs, targets=["t2m_obs"], fitted=fitted, time_chunk=6)
+    assert set(ev.table()["method"]) == {"reslim", "mos"}
+    notes = unavailable_notes(["bicubic", "residual_climatology", "mos"], inputs, ["t2m_obs"])
+    assert len(notes) == 1 and "t2m_obs" in notes[0] and "bicubic" in notes[0]
+    write_scores(ev.table(), tmp_path / "m.csv", tmp_path / "t.md", notes=notes)
+    assert "not among the inputs" in (tmp_path / "t.md").read_text()
 
 
 TINY_CONFIG = """
@@ -160,7 +289,7 @@ infer: {time_chunk: 4}
 """
 
 
-def _random_checkpoint(results):
+def _random_checkpoint(results, **overrides):
     """A checkpoint of an untrained tiny Reslim for the tiles the workflow made, and a short
     training log: the report test exercises inference, evaluation and the report, not training."""
     import torch
@@ -171,7 +300,7 @@ def _random_checkpoint(results):
     attrs = dict(zarr.open_group(str(results / "tiles" / "train.zarr"), mode="r").attrs)
     torch.manual_seed(0)
     model = build_model("tiny", attrs["variables"], attrs["variables"], attrs["statics"],
-                        mag=attrs["factor"])
+                        mag=attrs["factor"], **overrides)
     tiling = {k: attrs[k] for k in ("div_lat", "div_lon", "halo", "pad_mode", "factor")}
     save_checkpoint(results / "model" / "checkpoint.pt", model, variables=attrs["variables"],
                     statics=attrs["statics"], stats=attrs["stats"], tiling=tiling,
@@ -208,7 +337,63 @@ def test_tiny_workflow_builds_the_report(tmp_path):
         assert (figures / f"{name}.png").stat().st_size > 5_000
     with xr.open_dataset(tmp_path / "results" / "downscaled" / "test.nc") as ds:
         assert ds.sizes["time"] == 10 and "checkpoint_sha256" in ds.attrs
+    metrics = pd.read_csv(tmp_path / "results" / "evaluation" / "metrics.csv")
+    assert {"reslim", "nearest", "bilinear", "bicubic", "residual_climatology",
+            "mos"} == set(metrics["method"])
+    table = (tmp_path / "results" / "evaluation" / "table.md").read_text()
+    assert table.startswith("**Does reslim beat the best baseline?**")
     run("--report", "results/report.html")
     html = (tmp_path / "results" / "report.html").read_text()
     assert "TILES seam check on the test period" in html  # a caption, rendered
     assert "tiles_seams.png" in html and "metrics.csv" in html
+    # the verdict is on the first page (an untrained model loses: in red)
+    assert "beat the best baseline?" in html and "color:red" in html
+
+
+@pytest.mark.slow
+def test_tiny_workflow_with_one_tile_and_an_mc_dropout_ensemble(tmp_path):
+    """One tile (div 1x1, halo 0) and infer.ensemble through Snakemake: the seam rule says there
+    are no seams, the output has members, the scores have CRPS and the rank histogram exists."""
+    config = TINY_CONFIG.replace("tiles: {div_lat: 2, div_lon: 2, halo: 1, pad_mode: symmetric}",
+                                 "tiles: {div_lat: 1, div_lon: 1, halo: 0}")
+    config = config.replace("model: {preset: tiny}", "model: {preset: tiny, dropout: 0.2}")
+    config = config.replace("infer: {time_chunk: 4}",
+                            "infer: {time_chunk: 4, ensemble: {mc_dropout: 3}}")
+    assert "mc_dropout" in config and "div_lat: 1" in config
+    (tmp_path / "config.yaml").write_text(config)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    snakemake = shutil.which("snakemake", path=env["PATH"])
+    base = [snakemake, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+            "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "-q"]
+
+    def run(*args):
+        done = subprocess.run([*base, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("--omit-from", "train")
+    _random_checkpoint(tmp_path / "results", dropout=0.2)
+    run()
+    results = tmp_path / "results"
+    with xr.open_dataset(results / "downscaled" / "test.nc") as ds:
+        assert ds["t2m"].dims == ("time", "member", "lat", "lon") and ds.sizes["member"] == 3
+    metrics = pd.read_csv(results / "evaluation" / "metrics.csv")
+    crps = metrics[(metrics["metric"] == "crps") & (metrics["method"] == "reslim")]
+    assert set(crps["variable"]) == {"t2m", "tp", "tp_log1p"} and (crps["value"] > 0).all()
+    figures = results / "evaluation" / "figures"
+    assert (figures / "rank_histogram.png").stat().st_size > 5_000
+    assert pd.read_csv(results / "evaluation" / "tiles_seams.csv").empty
+    assert (figures / "tiles_seams.png").stat().st_size > 5_000
+
+
+def test_upsample_vit_listed_without_its_checkpoint_is_one_clear_message(tmp_path):
+    config = TINY_CONFIG + "evaluate: {baselines: [bicubic, upsample_vit]}\n"
+    (tmp_path / "config.yaml").write_text(config)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    done = subprocess.run([shutil.which("snakemake", path=env["PATH"]), "-s",
+                           str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                           "--configfile", str(tmp_path / "config.yaml"), "-n"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert ("evaluate.baselines lists upsample_vit but evaluate.upsample_vit_checkpoint is "
+            "empty") in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr

@@ -193,3 +193,95 @@ def test_an_interrupted_stream_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         I.write_stream(failing(), tmp_path / "out.nc")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_missing_coarse_cell_masks_only_the_fine_pixels_under_it():
+    """Issue 18.1: a NaN coarse input is filled as in training (0 in normalised space) and only
+    its own k x k fine block is masked; the tile and its neighbours' halos are untouched."""
+    coarse, _, static, stats = _data(n_time=3)
+    model = LocalModel()
+    payload = _payload(stats, div=(2, 2), halo=1, patch=1)
+    gap = coarse.copy(deep=True)
+    gap["t2m"][1, 3, 7] = np.nan  # near the inner tile borders: its halo reaches 3 tiles
+    full = I.downscale(model, payload, coarse, static)
+    out = I.downscale(model, payload, gap, static)
+    masked = np.isnan(out["t2m"].values)
+    expect = np.zeros(masked.shape, bool)
+    expect[1, 3 * FACTOR:4 * FACTOR, 7 * FACTOR:8 * FACTOR] = True
+    np.testing.assert_array_equal(masked, expect)
+    assert not np.isnan(out["tp"].values).any()  # tp's input is complete
+    # the filled cell is the train mean, exactly as training saw it: tp is unaffected where the
+    # receptive field does not reach the gap, and everything at other times is identical
+    np.testing.assert_array_equal(out["t2m"].values[[0, 2]], full["t2m"].values[[0, 2]])
+    tally = I.MaskedTally()
+    list(tally.watch(I.downscale_chunks(model, payload, gap, static, progress=False)))
+    assert tally.fractions()["t2m"] == pytest.approx(FACTOR**2 / masked.size)
+    assert tally.fractions()["tp"] == 0
+    assert "t2m" in tally.summary()
+
+
+def test_missing_output_mask_for_a_target_that_is_not_an_input():
+    missing = np.zeros((1, 2, 2, 2), bool)
+    missing[0, 0, 0, 0] = True  # only input a missing: a target not among inputs keeps data
+    missing[0, :, 1, 1] = True  # both inputs missing: every target lacks data
+    mask = I.missing_output_mask(missing, ["a", "b"], ["a", "c"], factor=2)
+    assert mask.shape == (1, 2, 4, 4)
+    assert mask[0, 0, :2, :2].all() and mask[0, 0, 2:, 2:].all() and mask[0, 0].sum() == 8
+    assert mask[0, 1, 2:, 2:].all() and mask[0, 1].sum() == 4
+
+
+def _dropout_reslim():
+    torch.manual_seed(0)
+    return build_model("tiny", VARS, VARS, STATICS, mag=FACTOR, dropout=0.3).eval()
+
+
+def test_mc_dropout_members_differ_and_are_reproducible(tmp_path):
+    coarse, _, static, stats = _data(n_time=3)
+    payload = _payload(stats, div=(1, 1), halo=0)
+    det = I.downscale(_dropout_reslim(), payload, coarse, static)
+    assert "member" not in det.dims
+    ens = I.downscale(_dropout_reslim(), payload, coarse, static, mc_members=3, seed=5)
+    assert ens["t2m"].dims == ("time", "member", "lat", "lon") and ens.sizes["member"] == 3
+    assert ens["member"].attrs["standard_name"] == "realization"
+    spread = ens["t2m"].std("member")
+    assert float((spread > 0).mean()) > 0.9  # dropout on: members differ
+    again = I.downscale(_dropout_reslim(), payload, coarse, static, mc_members=3, seed=5)
+    np.testing.assert_array_equal(again["t2m"].values, ens["t2m"].values)
+    other = I.downscale(_dropout_reslim(), payload, coarse, static, mc_members=3, seed=6)
+    assert np.abs(other["t2m"].values - ens["t2m"].values).max() > 0
+    # the model is left in eval mode otherwise: deterministic runs are unchanged
+    np.testing.assert_array_equal(I.downscale(_dropout_reslim(), payload, coarse, static)
+                                  ["t2m"].values, det["t2m"].values)
+    with pytest.raises(ValueError, match="model.dropout"):
+        I.downscale(_tiny_reslim(), payload, coarse, static, mc_members=2)
+    I.write_stream(I.downscale_chunks(_dropout_reslim(), payload, coarse, static,
+                                      mc_members=2, time_chunk=2), tmp_path / "ens.nc")
+    with xr.open_dataset(tmp_path / "ens.nc") as ds:
+        assert ds["tp"].dims == ("time", "member", "lat", "lon") and ds.sizes["time"] == 3
+
+
+def test_deep_ensemble_of_checkpoints_and_processes(tmp_path):
+    coarse, fine, static, stats = _data(n_time=4)
+    ckpt = _checkpoint(tmp_path, coarse, fine, static, stats)
+    torch.manual_seed(1)
+    other = build_model("tiny", VARS, VARS, STATICS, mag=FACTOR)
+    save_checkpoint(tmp_path / "other.pt", other, variables=VARS, statics=STATICS, stats=stats,
+                    tiling=_payload(stats)["tiling"], res_km=111.0, config={"seed": 8})
+    args = (ckpt, tmp_path / "coarse.nc", tmp_path / "fine.nc")
+    ens = {"checkpoints": [str(tmp_path / "other.pt")], "mc_dropout": 0, "seed": 0}
+    I.run_inference(*args, tmp_path / "ens.nc", time_chunk=2, ensemble=ens)
+    I.run_inference(*args, tmp_path / "one.nc", time_chunk=2)
+    I.run_inference(*args, tmp_path / "ens2.nc", time_chunk=2, ensemble=ens, processes=2)
+    with (xr.open_dataset(tmp_path / "ens.nc") as e, xr.open_dataset(tmp_path / "one.nc") as o,
+          xr.open_dataset(tmp_path / "ens2.nc") as e2):
+        assert e.sizes["member"] == 2 and "ensemble" in e.attrs
+        np.testing.assert_allclose(e["t2m"].isel(member=0).values, o["t2m"].values,
+                                   rtol=1e-6, atol=1e-4)  # member 0 is the main checkpoint
+        assert np.abs(e["t2m"].isel(member=1) - o["t2m"]).max() > 1e-3
+        np.testing.assert_allclose(e2["t2m"].values, e["t2m"].values, rtol=1e-6, atol=1e-4)
+    bad = build_model("tiny", VARS, VARS, STATICS, mag=FACTOR)
+    save_checkpoint(tmp_path / "bad.pt", bad, variables=VARS, statics=STATICS, stats=stats,
+                    tiling={**_payload(stats)["tiling"], "halo": 2}, res_km=111.0)
+    with pytest.raises(ValueError, match="tiling"):
+        I.run_inference(*args, tmp_path / "x.nc", ensemble={"checkpoints": [str(tmp_path /
+                                                                                 "bad.pt")]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 from downscaler.evaluation import metrics as M
@@ -280,9 +281,187 @@ def test_markdown_table_header_and_rows():
     preds, truth = _score_inputs()
     text = markdown_table(score_table(preds, truth, log_precip=True))
     lines = text.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("| method")):]
     assert lines[0].startswith("| method | variable (units) | R² (1 − SS_res/SS_tot) |")
     assert "Pearson r" in lines[0] and "PSNR (dB)" in lines[0] and "SSIM" in lines[0]
     assert "RMSE > q99.73" in lines[0]
     assert any("| noisy | t2m (K) |" in line for line in lines)
     assert any("tp_log1p (log1p(mm/day))" in line for line in lines)
     assert sum(line.startswith("| ") for line in lines) == 1 + 2 * 3
+
+
+# -- streaming evaluation -------------------------------------------------------------------
+
+def _stream_table(preds, truth, time_chunk):
+    from downscaler.evaluation.stream import (
+        StreamingScores,
+        score_variables,
+        summarise_truth,
+        time_chunks,
+    )
+
+    variables = score_variables(["t2m", "tp"], log_precip=True)
+    summary = summarise_truth(lambda: time_chunks(truth, time_chunk), variables)
+    acc = StreamingScores(variables, summary, truth["lat"].values, truth["lon"].values)
+    for t0 in range(0, truth.sizes["time"], time_chunk):
+        w = slice(t0, t0 + time_chunk)
+        acc.add(truth.isel(time=w), {m: p.isel(time=w) for m, p in preds.items()})
+    return acc.table()
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_streaming_scores_equal_the_in_memory_table(with_nan):
+    """One pass over time chunks gives the numbers of `score_table` on the whole period
+    (with missing truth, all but the spectra, whose gap filling differs)."""
+    preds, truth = _score_inputs()
+    preds["biased"] = preds["noisy"] + 0.7
+    if with_nan:
+        truth = truth.copy(deep=True)
+        truth["t2m"][1, 2:5, 3:9] = np.nan
+        truth["tp"][:, 0, :] = np.nan
+    whole = score_table(preds, truth, log_precip=True)
+    streamed = _stream_table(preds, truth, time_chunk=3)
+    assert set(streamed["metric"]) == set(whole["metric"]) | {"missing_fraction"}
+    merged = whole.merge(streamed, on=["method", "variable", "metric"], suffixes=("", "_s"))
+    assert len(merged) == len(whole)
+    if with_nan:
+        merged = merged[merged["metric"] != "lsd"]
+    np.testing.assert_allclose(merged["value_s"], merged["value"], rtol=1e-9, atol=1e-12)
+    assert (streamed[streamed.metric == "missing_fraction"]["value"] == 0).all()
+
+
+def test_exact_streamed_quantiles_with_ties():
+    from downscaler.evaluation.stream import summarise_truth, time_chunks
+
+    rng = np.random.default_rng(3)
+    values = np.where(rng.random((9, 6, 7)) < 0.7, 0.0, rng.gamma(0.5, 4, (9, 6, 7)))
+    values[0, 0, 0] = np.nan
+    ds = xr.Dataset({"tp": (("time", "lat", "lon"), values)})
+    qs = (0.5, 0.6827, 0.9545, 0.9973)
+    s = summarise_truth(lambda: time_chunks(ds, 2), {"tp": ("tp", None)}, qs)["tp"]
+    for q in qs:
+        assert s["quantiles"][q] == pytest.approx(np.nanquantile(values, q), rel=1e-12)
+    assert s["n"] == values.size - 1 and s["min"] == 0
+
+
+def _ensemble_table(truth, ens, members):
+    from downscaler.evaluation.stream import EnsembleScores
+
+    acc = EnsembleScores({"t2m": ("t2m", None)}, members)
+    acc.add(truth, ens)
+    return acc, acc.table("m").set_index("metric")["value"]
+
+
+def _ens(values, truth):
+    return xr.Dataset({"t2m": (("time", "member", "lat", "lon"), values)},
+                      coords={"time": truth["time"]})
+
+
+def test_crps_of_a_gaussian_ensemble_matches_the_closed_form():
+    """Fair CRPS of many members drawn from N(mu, sigma) -> the Gaussian closed form."""
+    import scoringrules
+
+    rng = np.random.default_rng(0)
+    obs = rng.normal(0, 1, (4, 5, 6))
+    mu, sigma = 0.3, 1.5
+    members = mu + sigma * rng.standard_normal((4, 400, 5, 6))
+    truth = xr.Dataset({"t2m": (("time", "lat", "lon"), obs)},
+                       coords={"time": np.arange(4)})
+    _, table = _ensemble_table(truth, _ens(members, truth), 400)
+    closed = float(np.mean(scoringrules.crps_normal(obs, mu, sigma)))
+    # by hand: sigma (z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi)) with z = (y - mu) / sigma
+    from scipy.stats import norm
+
+    z = (obs - mu) / sigma
+    by_hand = np.mean(sigma * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / np.sqrt(np.pi)))
+    assert closed == pytest.approx(by_hand, rel=1e-10)
+    assert table["crps"] == pytest.approx(closed, rel=0.02)
+
+
+def test_one_member_crps_is_the_mae_and_a_reliable_ensemble_is_flat():
+    rng = np.random.default_rng(1)
+    obs = rng.normal(0, 1, (3, 8, 8))
+    truth = xr.Dataset({"t2m": (("time", "lat", "lon"), obs)}, coords={"time": np.arange(3)})
+    one = obs[:, None] + rng.normal(0, 0.5, (3, 1, 8, 8))
+    _, table = _ensemble_table(truth, _ens(one, truth), 1)
+    assert table["crps"] == pytest.approx(np.abs(one[:, 0] - obs).mean(), rel=1e-12)
+    # members and truth drawn from one distribution: spread-skill ~ 1, flat rank histogram
+    signal = rng.normal(0, 1, (40, 1, 16, 16))
+    many = signal + rng.normal(0, 1, (40, 9, 16, 16))
+    obs = signal[:, 0] + rng.normal(0, 1, (40, 16, 16))
+    truth = xr.Dataset({"t2m": (("time", "lat", "lon"), obs)}, coords={"time": np.arange(40)})
+    acc, table = _ensemble_table(truth, _ens(many, truth), 9)
+    assert table["spread_skill_ratio"] == pytest.approx(1.0, abs=0.05)
+    freq = acc.ranks["t2m"] / acc.ranks["t2m"].sum()
+    assert len(freq) == 10 and np.abs(freq - 0.1).max() < 0.02
+    # an over-confident ensemble (spread too small): U-shaped histogram, ratio well below 1
+    narrow = signal + 0.2 * rng.normal(0, 1, (40, 9, 16, 16))
+    acc, table = _ensemble_table(truth, _ens(narrow, truth), 9)
+    freq = acc.ranks["t2m"] / acc.ranks["t2m"].sum()
+    assert table["spread_skill_ratio"] < 0.4 and freq[0] > 0.3 and freq[-1] > 0.3
+
+
+def test_verdict_says_plainly_when_the_model_loses():
+    from downscaler.evaluation.scores import verdict, verdict_rst
+
+    rows = [("reslim", "t2m", 0.5), ("bicubic", "t2m", 1.0), ("mos", "t2m", 0.8),
+            ("reslim", "tp", 2.2), ("bicubic", "tp", 2.5), ("mos", "tp", 2.0)]
+    df = pd.DataFrame([{"method": m, "variable": v, "metric": "rmse", "value": x}
+                       for m, v, x in rows])
+    (t2m, tp) = verdict(df)
+    assert t2m["beats"] and t2m["best"] == "mos" and t2m["margin"] == pytest.approx(0.375)
+    assert not tp["beats"] and tp["best"] == "mos" and tp["margin"] == pytest.approx(-0.1)
+    text = markdown_table(df)
+    assert text.startswith("**Does reslim beat the best baseline?**")
+    first = text.split("| method")[0]
+    assert "t2m: yes" in first and "37.5% lower" in first
+    assert '<span style="color:red">**tp: NO' in first and "10.0% higher" in first
+    rst = verdict_rst(df)
+    assert rst.startswith(".. raw:: html") and "color:red" in rst and "tp: NO" in rst
+
+
+def test_ssim_equals_scikit_image():
+    """Our SSIM is scikit-image's Gaussian-window SSIM (Wang et al. 2004) to float rounding;
+    it stays hand-written because the streaming evaluation needs it per image with NaN masks."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(4)
+    truth = rng.normal(280, 3, (3, 24, 32))
+    pred = truth + rng.normal(0, 1.5, truth.shape)
+    L = float(truth.max() - truth.min())
+    ours = M.ssim_images(pred, truth, L)
+    theirs = [structural_similarity(t, p, data_range=L, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False)
+              for p, t in zip(pred, truth, strict=True)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10)
+
+
+def test_pearson_and_weighted_rmse_equal_reference_implementations():
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(5)
+    lat = np.linspace(-60, 60, 12)
+    t = xr.DataArray(rng.normal(0, 1, (4, 12, 10)), dims=("time", "lat", "lon"),
+                     coords={"lat": lat})
+    p = 0.8 * t + rng.normal(0, 0.5, t.shape)
+    assert float(M.pearson_r(p, t)) == pytest.approx(pearsonr(p.values.ravel(),
+                                                              t.values.ravel())[0], rel=1e-12)
+    w = np.broadcast_to(np.cos(np.deg2rad(lat))[None, :, None], t.shape)
+    expect = np.sqrt(np.average((p.values - t.values) ** 2, weights=w))
+    assert float(M.rmse(p, t, lat_weighted=True)) == pytest.approx(expect, rel=1e-12)
+
+
+def test_ssim_with_a_masked_region_stays_finite():
+    rng = np.random.default_rng(6)
+    truth = rng.normal(280, 3, (2, 24, 32))
+    pred = truth + rng.normal(0, 1.0, truth.shape)
+    masked = truth.copy()
+    masked[:, :, :12] = np.nan  # "sea" over a third of the domain
+    L = float(np.nanmax(masked) - np.nanmin(masked))
+    score = M.ssim_images(pred, masked, L)
+    assert np.isfinite(score).all() and all(0 < x < 1 for x in score)
+    assert M.ssim_images(masked, masked, L) == pytest.approx([1.0, 1.0])
+    # only the valid part counts: noise on the masked part changes nothing
+    noisier = pred.copy()
+    noisier[:, :, :12] += 50
+    assert M.ssim_images(noisier, masked, L) == pytest.approx(score)

@@ -12,6 +12,7 @@ ruleorder: infer_test > infer_input
 rule infer_test:
     input:
         checkpoint="results/model/checkpoint.pt",
+        members=config["infer"]["ensemble"]["checkpoints"],
         coarse="results/pairs/coarse.nc",
         fine="results/pairs/fine.nc",
     output:
@@ -34,6 +35,7 @@ rule infer_test:
 rule infer_input:
     input:
         checkpoint="results/model/checkpoint.pt",
+        members=config["infer"]["ensemble"]["checkpoints"],
         coarse="results/inputs/{name}.nc",
         fine="results/pairs/fine.nc",
     output:

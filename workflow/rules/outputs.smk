@@ -41,10 +41,50 @@ def figure_report(path):
 
 
 def optional_baselines(wildcards):
-    """Learned baselines scored next to the model, when configured (evaluate.*_checkpoint)."""
+    """Baselines with inputs of their own: the statistical ones' fit (rule fit_baselines) and
+    the upsample-first ViT's prediction when its checkpoint is configured."""
+    chosen = config["evaluate"]["baselines"]
+    out = {}
+    if {"residual_climatology", "mos"} & set(chosen):
+        out["fitted"] = "results/evaluation/baselines_fitted.nc"
     if config["evaluate"]["upsample_vit_checkpoint"]:
-        return {"upsample_vit": "results/downscaled/baselines/upsample_vit_test.nc"}
-    return {}
+        out["upsample_vit"] = "results/downscaled/baselines/upsample_vit_test.nc"
+    return out
+
+
+# The upsample-first ViT is not trained by this workflow: listing it needs its checkpoint.
+if (
+    "upsample_vit" in config["evaluate"]["baselines"]
+    and not config["evaluate"]["upsample_vit_checkpoint"]
+):
+    sys.exit(
+        "Invalid configuration: config key evaluate.baselines lists upsample_vit but "
+        "evaluate.upsample_vit_checkpoint is empty: give the checkpoint of a trained "
+        "upsample-first ViT, or drop upsample_vit from evaluate.baselines"
+    )
+
+
+# An ensemble run (infer.ensemble) also draws rank histograms.
+ENSEMBLE = bool(
+    config["infer"]["ensemble"]["mc_dropout"]
+    or config["infer"]["ensemble"]["checkpoints"]
+)
+ENSEMBLE_FIGURES = [f"{FIGURE_DIR}/rank_histogram.png"] if ENSEMBLE else []
+
+
+def ensemble_report(path):
+    """The rank histogram of an ensemble run as a report item."""
+    return report(
+        path,
+        caption="../report/rank_histogram.rst",
+        category="Figures",
+        subcategory="ensemble",
+        labels={"figure": "rank histogram", "variable": "all"},
+    )
+
+
+def ensemble_figures():
+    return [ensemble_report(f) for f in ENSEMBLE_FIGURES]
 
 
 def benchmark_results(wildcards):

@@ -103,44 +103,98 @@ def train(args, config: dict) -> None:
 
 
 def infer(args, config: dict) -> None:
-    from downscaler.infer import run_inference
+    from downscaler.infer import MaskedTally, run_inference
 
     if args.split not in ("all", *config["split"]):
         raise ValueError(f"--split must be 'all' or one of {sorted(config['split'])}, "
                          f"got {args.split!r}")
     period = None if args.split == "all" else config["split"][args.split]
     opts = config["infer"]
+    # the ensemble applies to the model's own runs, not to a learned baseline's
+    ensemble = opts.get("ensemble") if args.architecture == "reslim" else None
+    tally = MaskedTally()
     sizes = run_inference(args.checkpoint, args.coarse, args.fine, args.out, period=period,
                           batch_size=opts["batch_size"], blend=opts["blend"],
                           time_chunk=opts["time_chunk"], fmt=opts["format"],
-                          processes=opts["processes"], architecture=args.architecture)
+                          processes=opts["processes"], architecture=args.architecture,
+                          ensemble=ensemble, tally=tally)
     print(f"infer: wrote {sum(sizes)} time steps in {len(sizes)} chunks to {args.out}")
+    print(f"infer: {tally.summary()}")
+
+
+def _io_fallback(fine: xr.Dataset, coarse: xr.Dataset) -> tuple[list[str], list[str]]:
+    """(inputs, targets) of pairs files without stats.json lists: their time-varying fields."""
+    def timed(ds: xr.Dataset) -> list[str]:
+        return [str(v) for v, da in ds.data_vars.items() if "time" in da.dims]
+
+    return timed(coarse), timed(fine)
+
+
+def fit_baselines(args, config: dict) -> None:
+    """Fit the statistical baselines (residual climatology, MOS) on the training period."""
+    from downscaler.evaluate import io_lists
+    from downscaler.evaluation.statistical import fit_statistical
+    from downscaler.pairs import split_by_time
+
+    stats = read_json(args.stats)
+    train_split = {"train": config["split"]["train"]}
+    with xr.open_dataset(args.fine) as fine, xr.open_dataset(args.coarse) as coarse:
+        inputs_fb, targets_fb = _io_fallback(fine, coarse)
+        inputs, targets = io_lists(stats, targets_fb, inputs_fb)
+        train = split_by_time(fine, train_split)["train"]
+        fitted = fit_statistical(coarse, train, inputs, targets,
+                                 time_chunk=config["evaluate"]["time_chunk"])
+    write_netcdf(fitted, args.out)
+    print(f"fit_baselines: residual climatology and MOS for {targets} from {inputs} over "
+          f"{fitted.attrs['training_steps']} training steps")
 
 
 def evaluate(args, config: dict) -> None:
     from downscaler.evaluate import (
         UPSAMPLE_VIT,
-        predictions,
-        write_figures,
+        io_lists,
+        limit_netcdf_cache,
+        run_evaluation,
+        unavailable_notes,
         write_scores,
+        write_training_curves,
     )
     from downscaler.infer import open_downscaled
     from downscaler.pairs import split_by_time
 
+    limit_netcdf_cache()  # before any file is opened
+    opts = config["evaluate"]
     test_split = {"test": config["split"]["test"]}
+    stats = read_json(args.stats)
+    fitted = None
+    if args.fitted != "none":
+        with xr.open_dataset(args.fitted) as f:
+            fitted = f.load()
     learned = {}
     if args.upsample_vit != "none":
-        with open_downscaled(args.upsample_vit) as vit:
-            learned[UPSAMPLE_VIT] = vit.load()
-    with (open_downscaled(args.downscaled) as ds, xr.open_dataset(args.fine) as fine,
-          xr.open_dataset(args.coarse) as coarse):
-        truth = split_by_time(fine, test_split)["test"][list(ds.data_vars)].load()
-        coarse_test = split_by_time(coarse, test_split)["test"].load()
-        preds = predictions(ds.load(), coarse_test, truth, config["evaluate"]["baselines"],
-                            learned)
-        write_scores(preds, truth, args.metrics, args.table)
-        write_figures(preds, coarse_test, truth, args.loss_log, args.figures,
-                      config["evaluate"]["map_time"])
+        learned[UPSAMPLE_VIT] = open_downscaled(args.upsample_vit)  # read chunk by chunk
+    try:
+        with (open_downscaled(args.downscaled) as ds, xr.open_dataset(args.fine) as fine,
+              xr.open_dataset(args.coarse) as coarse):
+            inputs_fb, _ = _io_fallback(fine, coarse)
+            inputs, targets = io_lists(stats, list(ds.data_vars), inputs_fb)
+            truth = split_by_time(fine, test_split)["test"]
+            coarse_test = split_by_time(coarse, test_split)["test"]
+            ev = run_evaluation(ds, coarse_test, truth, opts["baselines"], inputs=inputs,
+                                targets=targets, fitted=fitted, learned=learned,
+                                time_chunk=opts["time_chunk"], map_time=opts["map_time"])
+    finally:
+        for vit in learned.values():
+            vit.close()
+    table = ev.table()
+    write_scores(table, args.metrics, args.table, args.verdict,
+                 unavailable_notes(opts["baselines"], inputs, targets))
+    write_training_curves(args.loss_log, args.figures)
+    ev.write_figures(args.figures, table)
+    missing = table[(table["metric"] == "missing_fraction") & (table["method"] == "reslim")]
+    for _, row in missing.iterrows():
+        print(f"evaluate: reslim has no value at {100 * row['value']:.4g}% of the valid truth "
+              f"pixels of {row['variable']} (masked under missing inputs)")
 
 
 def seams(args, config: dict) -> None:
@@ -178,8 +232,9 @@ STAGES = {
     "tiles": (tiles, ["fine", "coarse", "stats", "split", "out"]),
     "train": (train, ["train", "val", "checkpoint", "log"]),
     "infer": (infer, ["checkpoint", "architecture", "coarse", "fine", "split", "out"]),
-    "evaluate": (evaluate, ["downscaled", "upsample_vit", "fine", "coarse", "loss_log",
-                            "metrics", "table", "figures"]),
+    "fit_baselines": (fit_baselines, ["fine", "coarse", "stats", "out"]),
+    "evaluate": (evaluate, ["downscaled", "upsample_vit", "fitted", "fine", "coarse", "stats",
+                            "loss_log", "metrics", "table", "verdict", "figures"]),
     "seams": (seams, ["checkpoint", "coarse", "fine", "csv", "figure"]),
     "scaling": (scaling, ["results_dir", "csv", "figure"]),
 }

@@ -71,9 +71,49 @@ def _tiling(payload: dict, halo: int | None, div: tuple[int, int] | None) -> dic
     return t
 
 
+def io_variables(payload: dict) -> tuple[list[str], list[str]]:
+    """(input variables, target variables) of a checkpoint: its explicit lists when it has them
+    (`inputs`/`targets`, or the model's `in_vars`/`out_vars`), else `variables` for both."""
+    mc = payload.get("model_config", {})
+    inputs = payload.get("inputs") or mc.get("in_vars") or payload["variables"]
+    targets = payload.get("targets") or mc.get("out_vars") or payload["variables"]
+    return list(inputs), list(targets)
+
+
+def enable_mc_dropout(model: torch.nn.Module) -> int:
+    """Put only the dropout layers of an eval-mode model in training mode (MC dropout); returns
+    how many have a non-zero rate. Attention reads `self.training` for its own dropout."""
+    from downscaler.model.layers import Attention
+
+    active = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.train()
+            active += module.p > 0
+        elif isinstance(module, Attention):
+            module.train()
+            active += module.dropout > 0
+    return active
+
+
+def missing_output_mask(missing: np.ndarray, inputs: list[str], targets: list[str],
+                        factor: int) -> np.ndarray:
+    """[t, T, k h, k w] bool: the fine pixels that truly lack data.
+
+    `missing` is [t, V, h, w] (NaN coarse inputs). A target that is also an input lacks data
+    under its own missing coarse cells; a target that is not an input lacks data only where
+    every input is missing. The inputs themselves are filled with 0 (the train mean), exactly as
+    the tile writer does for training, so a missing cell never blanks its neighbours.
+    """
+    none_valid = missing.all(axis=1)
+    per_target = np.stack([missing[:, inputs.index(v)] if v in inputs else none_valid
+                           for v in targets], axis=1)
+    return per_target.repeat(factor, axis=-2).repeat(factor, axis=-1)
+
+
 @torch.no_grad()
 def downscale_chunks(
-    model: torch.nn.Module,
+    model: torch.nn.Module | list[torch.nn.Module],
     payload: dict,
     coarse: xr.Dataset,
     fine_static: xr.Dataset,
@@ -84,17 +124,31 @@ def downscale_chunks(
     halo: int | None = None,
     div: tuple[int, int] | None = None,
     progress: bool = True,
+    mc_members: int = 0,
+    seed: int = 0,
+    time_offset: int = 0,
 ) -> Iterator[xr.Dataset]:
     """Yield the fine fields (physical units) for `time_chunk` steps of `coarse` at a time.
 
     Only one chunk of inputs, tiles and outputs is ever in memory. `halo` / `div` override the
     checkpoint's tiling (used by the TILES seam check: halo 0, or one tile for the whole domain).
+    Missing (NaN) coarse inputs are set to 0 in normalised space as in training, and only the
+    fine pixels under them are NaN in the output (`missing_output_mask`).
+
+    Ensembles: `model` may be a list (a deep ensemble of checkpoints sharing one payload), and
+    `mc_members` > 0 draws that many MC-dropout samples of each model (dropout on, seeded by
+    `seed`, the member and the chunk's first time index counted from `time_offset`: the same
+    run with the same time_chunk and processes draws the same masks). Then every variable has
+    a `member` dimension (time, member, lat, lon); otherwise (time, lat, lon) as before.
     """
     if time_chunk < 1:
         raise ValueError(f"infer.time_chunk must be >= 1, got {time_chunk}")
-    variables, statics, stats = payload["variables"], payload["statics"], payload["stats"]
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    ensemble = len(models) > 1 or mc_members > 0
+    statics, stats = payload["statics"], payload["stats"]
+    inputs, targets = io_variables(payload)
     t = _tiling(payload, halo, div)
-    missing = [v for v in variables if v not in coarse]
+    missing = [v for v in inputs if v not in coarse]
     missing += [s for s in statics if s not in fine_static]
     if missing:
         raise KeyError(f"the input lacks {missing}, which the checkpoint was trained with")
@@ -110,27 +164,48 @@ def downscale_chunks(
     static_tiles = torch.from_numpy(np.swapaxes(static_tiles, 0, 1).copy())  # [N, S, ...]
     n_tiles = static_tiles.shape[0]
     coords = {"lat": fine_static["lat"], "lon": fine_static["lon"]}
+    for m in models:
+        m.eval()
+        if mc_members and not enable_mc_dropout(m):
+            raise ValueError("infer.ensemble.mc_dropout needs a model trained with dropout: "
+                             "set model.dropout > 0 (e.g. 0.1) and train again, or use "
+                             "infer.ensemble.checkpoints (a deep ensemble) instead")
+    draws = [(m, d) for m in models for d in range(max(1, mc_members))]
 
-    model.eval()
     starts = range(0, coarse.sizes["time"], time_chunk)
     for t0 in tqdm(starts, desc="downscale", unit="chunk", disable=not progress):
         part = coarse.isel(time=slice(t0, t0 + time_chunk))
-        x = tile(normalised_stack(part, variables, stats), t["div_lat"], t["div_lon"], halo_c,
-                 **opts)  # [t, V, N, h, w]
+        stack = normalised_stack(part, inputs, stats)  # [t, V, h, w]
+        lacking = np.isnan(stack)
+        stack[lacking] = 0.0  # as the tile writer does for training (tiles_store.write_tiles)
+        x = tile(stack, t["div_lat"], t["div_lon"], halo_c, **opts)  # [t, V, N, h, w]
         steps = x.shape[0]
         x = torch.from_numpy(np.swapaxes(x, 1, 2).reshape(steps * n_tiles, *x.shape[1:2],
                                                           *x.shape[3:]).copy())
         static = static_tiles.repeat(steps, 1, 1, 1)
-        pred = torch.cat([model(x[i:i + batch_size], static[i:i + batch_size], payload["res_km"])
-                          for i in range(0, len(x), batch_size)])
-        pred = pred.reshape(steps, n_tiles, len(variables), *pred.shape[-2:]).numpy()
-        fields = stitch(np.swapaxes(pred, 1, 2), t["div_lat"], t["div_lon"], factor * halo_c,
-                        blend=blend, periodic_lon=periodic)
-        data = {name: (("time", "lat", "lon"),
-                       denormalise(fields[:, v].astype("float64"), stats[name]).astype("float32"),
-                       cf_attrs(name))
-                for v, name in enumerate(variables)}
-        yield xr.Dataset(data, coords={"time": part["time"], **coords})
+        fields = []
+        for member, (m, _) in enumerate(draws):
+            if mc_members:
+                torch.manual_seed(seed * 1_000_003 + member * 7_919 + time_offset + t0)
+            pred = torch.cat([m(x[i:i + batch_size], static[i:i + batch_size], payload["res_km"])
+                              for i in range(0, len(x), batch_size)])
+            pred = pred.reshape(steps, n_tiles, len(targets), *pred.shape[-2:]).numpy()
+            fields.append(stitch(np.swapaxes(pred, 1, 2), t["div_lat"], t["div_lon"],
+                                 factor * halo_c, blend=blend, periodic_lon=periodic))
+        field = np.stack(fields, axis=1)  # [t, member, T, H, W]
+        absent = missing_output_mask(lacking, inputs, targets, factor)[:, None]
+        dims = ("time", "member", "lat", "lon") if ensemble else ("time", "lat", "lon")
+        data = {}
+        for v, name in enumerate(targets):
+            values = denormalise(field[:, :, v].astype("float64"), stats[name]).astype("float32")
+            values[np.broadcast_to(absent[:, :, v], values.shape)] = np.nan
+            data[name] = (dims, values if ensemble else values[:, 0], cf_attrs(name))
+        extra = {"member": ("member", np.arange(len(draws)), MEMBER_ATTRS)} if ensemble else {}
+        yield xr.Dataset(data, coords={"time": part["time"], **extra, **coords})
+
+
+MEMBER_ATTRS = {"standard_name": "realization", "long_name": "ensemble member",
+                "units": "1"}
 
 
 def downscale(
@@ -231,14 +306,16 @@ class StreamWriter:
     def _create(self, chunk: xr.Dataset) -> None:
         ds = _with_coord_attrs(chunk)
         ds.attrs.update(self.attrs)
-        n_lat, n_lon = ds.sizes["lat"], ds.sizes["lon"]
+        # one time step (of every member) per chunk
+        chunks = {v: tuple(1 if d == "time" else ds.sizes[d] for d in ds[v].dims)
+                  for v in ds.data_vars}
         self._time_enc = _time_encoding(ds["time"])
         if self.fmt == "zarr":
-            enc = {v: {"chunks": (1, n_lat, n_lon)} for v in ds.data_vars}
+            enc = {v: {"chunks": chunks[v]} for v in ds.data_vars}
             enc["time"] = dict(self._time_enc)
             ds.to_zarr(self._tmp, mode="w", encoding=enc, zarr_format=3, consolidated=False)
             return
-        enc = {v: {"zlib": True, "complevel": 4, "chunksizes": (1, n_lat, n_lon),
+        enc = {v: {"zlib": True, "complevel": 4, "chunksizes": chunks[v],
                    "dtype": "float32"} for v in ds.data_vars}
         enc["time"] = dict(self._time_enc)
         ds.to_netcdf(self._tmp, unlimited_dims=["time"], encoding=enc, engine="netcdf4")
@@ -255,7 +332,7 @@ class StreamWriter:
                                           dtype=np.dtype(_TIME_DTYPE))
         nc["time"][n:n + steps] = values
         for name in chunk.data_vars:
-            nc[name][n:n + steps] = chunk[name].transpose("time", "lat", "lon").values
+            nc[name][n:n + steps] = chunk[name].transpose(*nc[name].dimensions).values
 
     def close(self, ok: bool = True) -> None:
         if self._nc is not None:
@@ -281,14 +358,6 @@ def write_stream(chunks: Iterable[xr.Dataset], path: str | os.PathLike, fmt: str
         for chunk in chunks:
             writer.append(chunk)
     return writer.chunk_sizes
-
-
-def write_downscaled(ds: xr.Dataset, path: str, payload: dict, checkpoint_sha256: str,
-                     fmt: str = "netcdf", time_chunk: int = 32) -> None:
-    """Write an in-memory prediction (CF attrs, provenance) through the streaming writer."""
-    chunks = (ds.isel(time=slice(t0, t0 + time_chunk))
-              for t0 in range(0, ds.sizes["time"], time_chunk))
-    write_stream(chunks, path, fmt, provenance(payload, checkpoint_sha256))
 
 
 def open_downscaled(path: str | os.PathLike, **kwargs) -> xr.Dataset:
@@ -346,17 +415,67 @@ def load_model(checkpoint: str | os.PathLike,
     return model.eval(), payload
 
 
+def load_members(checkpoint: str | os.PathLike, architecture: str = "reslim",
+                 ensemble: dict | None = None) -> tuple[list[torch.nn.Module], dict]:
+    """The models of a run and the payload they share: the checkpoint, plus for a deep
+    ensemble (`ensemble["checkpoints"]`) the other members, which must have been trained on
+    the same variables, statics, statistics and tiling (otherwise a clear error)."""
+    model, payload = load_model(checkpoint, architecture)
+    models = [model]
+    for other in (ensemble or {}).get("checkpoints", []):
+        m, p = load_model(other, architecture)
+        for key in ("variables", "statics", "stats", "tiling"):
+            if p.get(key) != payload.get(key):
+                raise ValueError(
+                    f"infer.ensemble.checkpoints: {other} was trained with other {key} than "
+                    f"{checkpoint}; deep-ensemble members must come from the same config "
+                    f"(change only the seed)")
+        models.append(m)
+    return models, payload
+
+
+def ensemble_options(ensemble: dict | None) -> dict:
+    """downscale_chunks keywords for an `infer.ensemble` config (empty: deterministic)."""
+    ensemble = ensemble or {}
+    return {"mc_members": int(ensemble.get("mc_dropout", 0)),
+            "seed": int(ensemble.get("seed", 0))}
+
+
 def _downscale_part(checkpoint: str, architecture: str, coarse_path: str, static_path: str,
                     period: dict | None, bounds: tuple[int, int], out: str, options: dict,
-                    threads: int) -> list[int]:
+                    threads: int, ensemble: dict | None = None) -> list[int]:
     """Worker: downscale time steps [bounds) of the selection into its own netCDF part."""
     torch.set_num_threads(max(1, threads))
-    model, payload = load_model(checkpoint, architecture)
+    models, payload = load_members(checkpoint, architecture, ensemble)
     with xr.open_dataset(coarse_path) as coarse, xr.open_dataset(static_path) as static:
         part = select_period(coarse, period).isel(time=slice(*bounds))
-        chunks = downscale_chunks(model, payload, part, static[payload["statics"]].load(),
-                                  progress=False, **options)
+        chunks = downscale_chunks(models, payload, part, static[payload["statics"]].load(),
+                                  progress=False, time_offset=bounds[0],
+                                  **ensemble_options(ensemble), **options)
         return write_stream(chunks, out, "netcdf")
+
+
+class MaskedTally:
+    """Counts the NaN (masked) output pixels of each variable while chunks stream past."""
+
+    def __init__(self) -> None:
+        self.masked: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+
+    def watch(self, chunks: Iterable[xr.Dataset]) -> Iterator[xr.Dataset]:
+        for chunk in chunks:
+            for name, da in chunk.data_vars.items():
+                self.masked[name] = self.masked.get(name, 0) + int(np.isnan(da.values).sum())
+                self.total[name] = self.total.get(name, 0) + da.size
+            yield chunk
+
+    def fractions(self) -> dict[str, float]:
+        return {v: self.masked[v] / self.total[v] for v in self.total if self.total[v]}
+
+    def summary(self) -> str:
+        parts = [f"{v} {100 * f:.4g}%" for v, f in self.fractions().items()]
+        return ("masked output (fine pixels under missing coarse inputs): "
+                + (", ".join(parts) or "none"))
 
 
 def _stream_parts(parts: list[str], time_chunk: int) -> Iterator[xr.Dataset]:
@@ -380,32 +499,41 @@ def run_inference(
     fmt: str = "netcdf",
     processes: int = 1,
     architecture: str = "reslim",
+    ensemble: dict | None = None,
+    tally: MaskedTally | None = None,
 ) -> list[int]:
     """Downscale a coarse file (optionally one period of it) into `out`, streaming by chunk.
 
     `static_path` holds the fine statics (results/pairs/fine.nc). With `processes > 1` the time
     range is split across that many local processes (spawned; torch threads shared out), each
     writes a part, and the parts are streamed into `out`. The
-    checkpoint holds `architecture` (see `load_model`). Returns the time steps of each append
-    to `out` (never more than `time_chunk`).
+    checkpoint holds `architecture` (see `load_model`). `ensemble` ({mc_dropout: N,
+    checkpoints: [...], seed}) writes a `member` dimension (see `downscale_chunks`). `tally`
+    counts the masked output pixels. Returns the time steps of each append to `out` (never
+    more than `time_chunk`).
     """
     from downscaler.checkpoint import file_sha256
 
     if fmt not in FORMATS:
         raise ValueError(f"infer.format must be one of {FORMATS}, got {fmt!r}")
-    model, payload = load_model(checkpoint, architecture)
+    tally = tally if tally is not None else MaskedTally()
+    models, payload = load_members(checkpoint, architecture, ensemble)
+    extra = {}
+    if ensemble and (ensemble.get("mc_dropout") or ensemble.get("checkpoints")):
+        extra["ensemble"] = json.dumps(ensemble, sort_keys=True)
     attrs = provenance(payload, file_sha256(checkpoint),
                        input_file=str(coarse_path),
-                       period=json.dumps(period or "all", sort_keys=True))
+                       period=json.dumps(period or "all", sort_keys=True), **extra)
     options = {"batch_size": batch_size, "blend": blend, "time_chunk": time_chunk}
     with xr.open_dataset(coarse_path) as coarse:
         n_time = select_period(coarse, period).sizes["time"]
     bounds = _part_bounds(n_time, processes)
     if len(bounds) <= 1:
         with xr.open_dataset(coarse_path) as coarse, xr.open_dataset(static_path) as static:
-            chunks = downscale_chunks(model, payload, select_period(coarse, period),
-                                      static[payload["statics"]].load(), **options)
-            return write_stream(chunks, out, fmt, attrs)
+            chunks = downscale_chunks(models, payload, select_period(coarse, period),
+                                      static[payload["statics"]].load(),
+                                      **ensemble_options(ensemble), **options)
+            return write_stream(tally.watch(chunks), out, fmt, attrs)
 
     threads = max(1, (os.cpu_count() or 1) // len(bounds))
     out = Path(out)
@@ -415,8 +543,8 @@ def run_inference(
         ctx = get_context("spawn")  # fork after torch initialised its thread pool can hang
         with ProcessPoolExecutor(max_workers=len(bounds), mp_context=ctx) as pool:
             jobs = [pool.submit(_downscale_part, str(checkpoint), architecture, str(coarse_path),
-                                str(static_path), period, b, part, options, threads)
+                                str(static_path), period, b, part, options, threads, ensemble)
                     for b, part in zip(bounds, parts, strict=True)]
             for job in jobs:
                 job.result()  # re-raises a worker's error here
-        return write_stream(_stream_parts(parts, time_chunk), out, fmt, attrs)
+        return write_stream(tally.watch(_stream_parts(parts, time_chunk)), out, fmt, attrs)

@@ -157,7 +157,7 @@ def _time_text(da: xr.DataArray) -> str:
 
 
 def plot_maps(
-    coarse: xr.DataArray,
+    coarse: xr.DataArray | None,
     prediction: xr.DataArray,
     truth: xr.DataArray,
     path: str | os.PathLike,
@@ -173,8 +173,10 @@ def plot_maps(
     them), so differences in detail are visible as such; the error panel uses a symmetric
     diverging scale centred on 0.
     """
-    c, p, t = (_one_step(x, time_index) for x in (coarse, prediction, truth))
-    fields = [(c, "coarse input"), (p, "prediction"), (t, "truth")]
+    p, t = (_one_step(x, time_index) for x in (prediction, truth))
+    fields = [(p, "prediction"), (t, "truth")]
+    if coarse is not None:  # a target that is not an input has no coarse field to show
+        fields.insert(0, (_one_step(coarse, time_index), "coarse input"))
     if baseline is not None:
         fields.append((_one_step(baseline, time_index), baseline_name))
     err = p - t.assign_coords(lat=p["lat"], lon=p["lon"])
@@ -249,19 +251,28 @@ def plot_spectra(
     Interpolation and MSE-trained models lose power at high wavenumbers (small scales); the
     legend gives each method's log-spectral distance to the truth.
     """
-    fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
-    k, pt = M.power_spectrum(truth)
-    ax.loglog(k, pt, color="black", lw=2.5, label="truth")
+    spectra = {}
     for name, pred in predictions.items():
         kp, pp = M.power_spectrum(pred)
-        lsd = float(M.log_spectral_distance(pred, truth))
+        spectra[name] = (kp, pp, float(M.log_spectral_distance(pred, truth)))
+    return draw_spectra(spectra, M.power_spectrum(truth), truth, path)
+
+
+def draw_spectra(spectra: Mapping[str, tuple], truth_spectrum: tuple, like: xr.DataArray,
+                 path: str | os.PathLike) -> tuple[Path, Path]:
+    """The spectra figure from precomputed spectra: {method: (k, power, lsd)} and the truth's
+    (k, power); `like` is any DataArray of the variable (name and units for the labels)."""
+    fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
+    k, pt = truth_spectrum
+    ax.loglog(k, pt, color="black", lw=2.5, label="truth")
+    for name, (kp, pp, lsd) in spectra.items():
         ax.loglog(kp, pp, lw=1.3, label=f"{name} (LSD {lsd:.2f} dB)")
-    units = _units(truth)
+    units = _units(like)
     ax.set_xlabel("wavenumber (cycles per degree)")
     ax.set_ylabel(f"power per mode ({_paren(units)}²)" if units else "power per mode")
-    ax.set_title(f"Power spectra: {_label(truth)}")
+    ax.set_title(f"Power spectra: {_label(like)}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     _km_axis(ax)
     return _save(fig, path)
 
@@ -284,19 +295,30 @@ def plot_pdfs(
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
+    counts = {name: np.histogram(v[np.isfinite(v)], edges)[0]
+              for name, v in zip(predictions, all_values[1:], strict=True)}
+    return draw_pdfs(edges, np.histogram(tv, edges)[0], counts, truth, path)
+
+
+def _density(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    total = counts.sum()
+    return counts / (total * np.diff(edges)) if total else np.zeros(len(counts))
+
+
+def draw_pdfs(edges: np.ndarray, truth_counts: np.ndarray, counts: Mapping[str, np.ndarray],
+              like: xr.DataArray, path: str | os.PathLike) -> tuple[Path, Path]:
+    """The value-distribution figure from histogram counts on shared `edges`."""
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    ax.hist(tv, bins=edges, density=True, histtype="stepfilled", color="0.8",
-            edgecolor="black", lw=1.5, label="truth")
-    for name, pred in predictions.items():
-        v = np.ravel(pred.values)
-        ax.hist(v[np.isfinite(v)], bins=edges, density=True, histtype="step", lw=1.3,
-                label=name)
+    ax.stairs(_density(truth_counts, edges), edges, fill=True, color="0.8", label="truth")
+    ax.stairs(_density(truth_counts, edges), edges, color="black", lw=1.5)
+    for name, c in counts.items():
+        ax.stairs(_density(c, edges), edges, lw=1.3, label=name)
     ax.set_yscale("log")
-    ax.set_xlabel(_label(truth))
-    ax.set_ylabel(f"probability density (1/{_paren(_units(truth)) or 'unit'}, log scale)")
-    ax.set_title(f"Value distributions: {_label(truth)}")
+    ax.set_xlabel(_label(like))
+    ax.set_ylabel(f"probability density (1/{_paren(_units(like)) or 'unit'}, log scale)")
+    ax.set_title(f"Value distributions: {_label(like)}")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -304,33 +326,39 @@ def plot_scatter(
     prediction: xr.DataArray,
     truth: xr.DataArray,
     path: str | os.PathLike,
-    max_points: int = 2_000_000,
-    seed: int = 0,
+    bins: int = 120,
 ) -> tuple[Path, Path]:
-    """Prediction against truth for every pixel and time: hexbin counts (log), 1:1 line.
+    """Prediction against truth for every pixel and time: 2-D histogram counts (log), 1:1 line.
 
-    R² (coefficient of determination) and Pearson r of all points are printed on the plot;
-    above `max_points` a fixed-seed random subset is drawn (the scores use every point).
+    R² (coefficient of determination) and Pearson r of all points are printed on the plot.
     """
     r2 = float(M.r2(prediction, truth))
     r = float(M.pearson_r(prediction, truth))
     p, t = np.ravel(prediction.values), np.ravel(truth.values)
     ok = np.isfinite(p) & np.isfinite(t)
-    p, t = p[ok], t[ok]
-    if p.size > max_points:
-        pick = np.random.default_rng(seed).choice(p.size, max_points, replace=False)
-        p, t = p[pick], t[pick]
-    lo = float(min(p.min(), t.min())) if p.size else 0.0
-    hi = float(max(p.max(), t.max())) if p.size else 1.0
+    lo = float(min(p[ok].min(), t[ok].min())) if ok.any() else 0.0
+    hi = float(max(p[ok].max(), t[ok].max())) if ok.any() else 1.0
+    edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+    counts = np.histogram2d(t[ok], p[ok], [edges, edges])[0]
+    return draw_scatter(counts, edges, r2, r, truth, path)
+
+
+def draw_scatter(counts: np.ndarray, edges: np.ndarray, r2: float, r: float,
+                 like: xr.DataArray, path: str | os.PathLike) -> tuple[Path, Path]:
+    """The scatter figure from a 2-D histogram: counts[truth bin, prediction bin]."""
+    from matplotlib.colors import LogNorm
+
     fig, ax = plt.subplots(figsize=(5.6, 5), constrained_layout=True)
-    hb = ax.hexbin(t, p, gridsize=60, bins="log", cmap="magma_r", mincnt=1,
-                   extent=(lo, hi, lo, hi))
+    shown = np.ma.masked_equal(counts.T, 0)
+    mesh = ax.pcolormesh(edges, edges, shown, cmap="magma_r",
+                         norm=LogNorm(vmin=1, vmax=max(2, counts.max())))
+    lo, hi = edges[0], edges[-1]
     ax.plot([lo, hi], [lo, hi], color="tab:blue", lw=1, ls="--", label="1:1")
-    fig.colorbar(hb, ax=ax, label="number of points (log scale)")
+    fig.colorbar(mesh, ax=ax, label="number of points (log scale)")
     ax.text(0.03, 0.97, f"R² (1 − SS_res/SS_tot) = {r2:.4f}\nPearson r = {r:.4f}\n"
-            f"n = {int(ok.sum()):,}", transform=ax.transAxes, va="top",
+            f"n = {int(counts.sum()):,}", transform=ax.transAxes, va="top",
             bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
-    label = _label(truth)
+    label = _label(like)
     ax.set_xlabel(f"truth: {label}")
     ax.set_ylabel(f"prediction: {label}")
     ax.set_title(f"Prediction vs truth: {label}")
@@ -350,15 +378,79 @@ def plot_bias_maps(
         name: (pred.assign_coords(lat=truth["lat"], lon=truth["lon"]) - truth).mean(mean_dims)
         for name, pred in predictions.items()
     }
+    return draw_bias_maps(biases, truth, path)
+
+
+def draw_bias_maps(biases: Mapping[str, xr.DataArray], like: xr.DataArray,
+                   path: str | os.PathLike) -> tuple[Path, Path]:
+    """The bias-map figure from per-method time-mean bias fields (lat, lon)."""
+    if not biases:
+        raise ValueError("no predictions to plot")
     lim = _symmetric_limit(*biases.values())
     n = len(biases)
-    fig, axes = plt.subplots(1, n, figsize=(3.8 * n + 1, 3.8), constrained_layout=True,
-                             squeeze=False)
-    for ax, (name, b) in zip(axes[0], biases.items(), strict=True):
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols + 1, 3.8 * rows),
+                             constrained_layout=True, squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    for ax, (name, b) in zip(axes.ravel(), biases.items(), strict=False):
         mesh = _map(ax, b.transpose("lat", "lon"), f"{name} (mean {float(b.mean()):+.3g})",
                     cmap=_ERROR_CMAP, vmin=-lim, vmax=lim)
-    fig.colorbar(mesh, ax=list(axes[0]), shrink=0.8, label=f"mean bias ({_units(truth)})")
-    fig.suptitle(f"Time-mean bias, prediction − truth: {_label(truth)}")
+    fig.colorbar(mesh, ax=list(axes.ravel()[:n]), shrink=0.8,
+                 label=f"mean bias ({_units(like)})")
+    fig.suptitle(f"Time-mean bias, prediction − truth: {_label(like)}")
+    return _save(fig, path)
+
+
+def plot_rank_histograms(ranks: Mapping[str, np.ndarray],
+                         path: str | os.PathLike) -> tuple[Path, Path]:
+    """Rank histograms of an ensemble, one panel per variable: the frequency of the truth's
+    rank among the M members (0..M). Flat (dashed line) = reliable spread; U-shaped =
+    over-confident (spread too small); dome-shaped = over-dispersive."""
+    n = len(ranks)
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(4.6 * max(n, 1), 3.8),
+                             constrained_layout=True, squeeze=False)
+    for ax, (var, counts) in zip(axes[0], ranks.items(), strict=False):
+        counts = np.asarray(counts, dtype=float)
+        freq = counts / counts.sum() if counts.sum() else counts
+        ax.bar(np.arange(len(freq)), freq, color="tab:blue", width=0.85)
+        ax.axhline(1 / len(freq), color="black", ls="--", lw=1, label="flat (reliable)")
+        name = BY_SHORT_NAME[var].long_name.replace("_", " ") if var in BY_SHORT_NAME else var
+        ax.set_title(f"{name} ({len(freq) - 1} members)")
+        ax.set_xlabel("rank of the truth among the members")
+        ax.set_ylabel("relative frequency")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Rank histograms of the ensemble (test period)")
+    return _save(fig, path)
+
+
+def plot_skill(table: pd.DataFrame, model: str, path: str | os.PathLike) -> tuple[Path, Path]:
+    """RMSE of every method relative to the best baseline, one panel per variable: bars below
+    1 beat it. The model's bar is highlighted (red when it does not beat the best baseline)."""
+    rmse = table[table["metric"] == "rmse"]
+    variables = list(dict.fromkeys(rmse["variable"]))
+    fig, axes = plt.subplots(1, len(variables), figsize=(4.8 * len(variables), 4),
+                             constrained_layout=True, squeeze=False)
+    for ax, var in zip(axes[0], variables, strict=True):
+        part = rmse[rmse["variable"] == var].set_index("method")["value"]
+        others = part.drop(model, errors="ignore").dropna()
+        if others.empty or model not in part:
+            ax.axis("off")
+            continue
+        best = others.min()
+        ratio = part / best
+        colours = ["0.6"] * len(ratio)
+        for i, m in enumerate(ratio.index):
+            if m == model:
+                colours[i] = "tab:green" if ratio[m] < 1 else "tab:red"
+        ax.barh(list(ratio.index)[::-1], ratio.values[::-1], color=colours[::-1])
+        ax.axvline(1, color="black", lw=1, ls="--")
+        ax.set_xlabel(f"RMSE / RMSE of the best baseline ({others.idxmin()})")
+        ax.set_title(var)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("Skill against the baselines (RMSE ratio; < 1 beats the best baseline)")
     return _save(fig, path)
 
 
@@ -373,10 +465,12 @@ def plot_seams(
     `errors` is `seams.seam_errors`' table (setting, variable, distance, rmse, n); one panel per
     variable, one line per setting (trained halo, halo 0, whole domain). A flat line means no
     seam; a rise towards distance 0 means tiles lack context at their borders. `halo_fine`
-    marks the trained halo width.
+    marks the trained halo width. An empty table (one tile: no borders) gives a figure that
+    says there are no seams.
     """
     if errors.empty:
-        raise ValueError("no seam-check errors to plot")
+        # one tile (div 1 x 1, not wrapping round the globe): nothing to check, say so
+        return _save(_message_figure("TILES seam check: no seams", NO_SEAMS_NOTE), path)
     variables = list(dict.fromkeys(errors["variable"]))
     n = len(variables)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), constrained_layout=True,
@@ -400,6 +494,13 @@ def plot_seams(
         ax.legend(fontsize=8)
     fig.suptitle("TILES seam check: error vs distance to tile borders")
     return _save(fig, path)
+
+
+NO_SEAMS_NOTE = [
+    "The tiling has a single tile (tiles.div_lat = tiles.div_lon = 1) and the domain",
+    "does not wrap round the globe: there are no tile borders, so there are no seams.",
+    "Nothing to check; the seam-check table is empty.",
+]
 
 
 def _message_figure(title: str, lines: list[str]) -> plt.Figure:

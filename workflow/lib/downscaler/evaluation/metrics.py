@@ -135,26 +135,46 @@ def ssim(pred: xr.DataArray, truth: xr.DataArray, data_range: float | None = Non
         SSIM = (2 mu_p mu_t + C1)(2 cov_pt + C2) / ((mu_p^2 + mu_t^2 + C1)(var_p + var_t + C2))
 
     The map is averaged after cropping the 5-pixel border the window cannot cover (as
-    scikit-image does), unless the image is too small to crop. 1 means identical.
+    scikit-image does, to 1e-10: tested), unless the image is too small to crop. 1 means
+    identical. Pixels missing in either field are set to the truth image's mean in both before
+    filtering and left out of the average, so a masked region (a land-only product) does not
+    blank the whole image.
     """
     L = _data_range(truth, data_range)
-    c1, c2 = (SSIM_K1 * L) ** 2, (SSIM_K2 * L) ** 2
+    scores = ssim_images(_as_images(pred), _as_images(truth), L)
+    return xr.DataArray(float(np.mean(scores)), attrs={"long_name": "SSIM", "units": "1"})
+
+
+def ssim_images(pred: np.ndarray, truth: np.ndarray, data_range: float) -> list[float]:
+    """SSIM of each (lat, lon) image pair of two [n, lat, lon] stacks (see `ssim`), so that a
+    streaming evaluation can average over time chunk by chunk."""
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     radius = (SSIM_WIN - 1) // 2
 
     def blur(a: np.ndarray) -> np.ndarray:
         return ndimage.gaussian_filter(a, SSIM_SIGMA, mode="reflect", radius=radius)
 
     scores = []
-    for p, t in zip(_as_images(pred), _as_images(truth), strict=True):
+    for p, t in zip(pred, truth, strict=True):
+        valid = np.isfinite(p) & np.isfinite(t)
+        if not valid.any():
+            scores.append(float("nan"))
+            continue
+        if not valid.all():
+            # masked pixels (e.g. sea for a land-only product): both set to the truth's mean, so
+            # a mask does not blank every window it touches, and left out of the average below
+            fill = float(t[valid].mean())
+            p, t = np.where(valid, p, fill), np.where(valid, t, fill)
         mp, mt = blur(p), blur(t)
         vp = blur(p * p) - mp**2
         vt = blur(t * t) - mt**2
         cov = blur(p * t) - mp * mt
         smap = ((2 * mp * mt + c1) * (2 * cov + c2)) / ((mp**2 + mt**2 + c1) * (vp + vt + c2))
+        smap = np.where(valid, smap, np.nan)
         if smap.shape[0] > 2 * radius and smap.shape[1] > 2 * radius:
             smap = smap[radius:-radius, radius:-radius]
-        scores.append(np.nanmean(smap))
-    return xr.DataArray(float(np.mean(scores)), attrs={"long_name": "SSIM", "units": "1"})
+        scores.append(float(np.nanmean(smap)) if np.isfinite(smap).any() else float("nan"))
+    return scores
 
 
 def psnr(pred: xr.DataArray, truth: xr.DataArray, data_range: float | None = None) -> xr.DataArray:
@@ -207,11 +227,23 @@ def power_spectrum(field: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
 
     Returns (wavenumber, power), both DataArrays along dim "wavenumber".
     """
-    dlat, dlon = _spacing(field["lat"]), _spacing(field["lon"])
     imgs = _as_images(field)
-    nlat, nlon = imgs.shape[-2:]
     imgs = np.where(np.isfinite(imgs), imgs, np.nanmean(imgs))
-    power2d = (np.abs(np.fft.fft2(imgs)) ** 2).mean(axis=0) / (nlat * nlon) ** 2
+    power2d = power2d_sum(imgs) / len(imgs)
+    return radial_spectrum(power2d, field["lat"], field["lon"], field.attrs.get("units"))
+
+
+def power2d_sum(imgs: np.ndarray) -> np.ndarray:
+    """Sum over images of |FFT2(x)|^2 / N^2 for a [n, lat, lon] stack without missing values."""
+    nlat, nlon = imgs.shape[-2:]
+    return (np.abs(np.fft.fft2(imgs)) ** 2).sum(axis=0) / (nlat * nlon) ** 2
+
+
+def radial_spectrum(power2d: np.ndarray, lat: xr.DataArray, lon: xr.DataArray,
+                    units: str | None = None) -> tuple[xr.DataArray, xr.DataArray]:
+    """Radially average a (time-mean) 2-D power spectrum into annuli (see `power_spectrum`)."""
+    dlat, dlon = _spacing(lat), _spacing(lon)
+    nlat, nlon = power2d.shape
     ky = np.fft.fftfreq(nlat, d=dlat)
     kx = np.fft.fftfreq(nlon, d=dlon)
     kmag = np.hypot(ky[:, None], kx[None, :])
@@ -226,7 +258,6 @@ def power_spectrum(field: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
         pw = sums / counts
     coords = {"wavenumber": ("wavenumber", k, {"units": "cycles/degree"}),
               "n_modes": ("wavenumber", counts)}
-    units = field.attrs.get("units")
     power = xr.DataArray(
         pw, dims="wavenumber", coords=coords, name="power",
         attrs={"long_name": "radially averaged power per mode",
@@ -244,6 +275,11 @@ def log_spectral_distance(pred: xr.DataArray, truth: xr.DataArray) -> xr.DataArr
     """
     _, pp = power_spectrum(pred)
     _, pt = power_spectrum(truth)
+    return lsd_from_spectra(pp, pt)
+
+
+def lsd_from_spectra(pp: xr.DataArray, pt: xr.DataArray) -> xr.DataArray:
+    """Log-spectral distance (dB) between two radially averaged spectra on the same bins."""
     ok = (pp.values > 0) & (pt.values > 0)
     ratio = 10 * np.log10(pp.values[ok] / pt.values[ok])
     value = float(np.sqrt(np.mean(ratio**2))) if ok.any() else np.nan

@@ -7,6 +7,7 @@ value: one row per number, easy to filter, pivot and concatenate across runs).
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 
 import numpy as np
@@ -116,21 +117,89 @@ _COLUMNS = (
     ("ssim", "SSIM (0–1)", "{:.3f}"),
     ("psnr", "PSNR (dB)", "{:.2f}"),
 )
+# Shown only when some method has them: ensemble scores, and output lacking data.
+_OPTIONAL_COLUMNS = (
+    ("crps", "CRPS (var. units)", "{:.4g}"),
+    ("spread_skill_ratio", "spread/skill", "{:.3f}"),
+    ("missing_fraction", "missing (%)", "{:.3%}"),
+)
+RED = "color:red"
 
 
-def markdown_table(df: pd.DataFrame) -> str:
-    """Render a score table like ORBIT-2's Table 6: one row per (method, variable).
+def verdict(df: pd.DataFrame, model: str = "reslim") -> list[dict]:
+    """Per variable: does the model's RMSE beat the best other method's, and by how much.
+
+    Each entry: variable, units, model_rmse, best (method), best_rmse, margin (relative RMSE
+    reduction, 1 - model / best; negative when the model is worse), beats (bool).
+    """
+    rmse = df[df["metric"] == "rmse"]
+    out = []
+    for variable in dict.fromkeys(rmse["variable"]):
+        part = rmse[rmse["variable"] == variable].set_index("method")["value"]
+        if model not in part.index:
+            continue
+        others = part.drop(model).dropna()
+        if others.empty:
+            continue
+        best = str(others.idxmin())
+        m, b = float(part[model]), float(others[best])
+        out.append({"variable": str(variable), "units": _units(str(variable)),
+                    "model_rmse": m, "best": best, "best_rmse": b,
+                    "margin": 1 - m / b if b > 0 else float("nan"), "beats": m < b})
+    return out
+
+
+def _verdict_sentence(v: dict, model: str) -> str:
+    how = (f"{100 * v['margin']:.1f}% lower" if v["beats"]
+           else f"{-100 * v['margin']:.1f}% higher")
+    word = "yes" if v["beats"] else "NO"
+    return (f"{v['variable']}: {word} — RMSE {v['model_rmse']:.4g} {v['units']} for {model} vs "
+            f"{v['best_rmse']:.4g} {v['units']} for the best baseline, {v['best']} ({how})")
+
+
+def verdict_markdown(df: pd.DataFrame, model: str = "reslim") -> str:
+    """The verdict as Markdown, failures in red (HTML span, rendered by most viewers)."""
+    lines = [f"**Does {model} beat the best baseline?** (RMSE over the test period)", ""]
+    for v in verdict(df, model):
+        sentence = _verdict_sentence(v, model)
+        lines.append(f"- {sentence}" if v["beats"] else
+                     f'- <span style="{RED}">**{sentence}**</span>')
+    return "\n".join(lines) + "\n"
+
+
+def verdict_rst(df: pd.DataFrame, model: str = "reslim", notes: list[str] | tuple = ()) -> str:
+    """The verdict as reStructuredText with raw HTML (red where the model loses), included
+    first in the Snakemake report."""
+    items = []
+    for v in verdict(df, model):
+        style = "" if v["beats"] else f' style="{RED}; font-weight:bold"'
+        items.append(f"<li{style}>{html.escape(_verdict_sentence(v, model))}</li>")
+    notes_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    body = (f"<p><b>Does {html.escape(model)} beat the best baseline?</b> (RMSE over the test "
+            f"period)</p><ul>{''.join(items)}</ul>{notes_html}")
+    return ".. raw:: html\n\n   " + body + "\n"
+
+
+def markdown_table(df: pd.DataFrame, model: str = "reslim",
+                   notes: list[str] | tuple = ()) -> str:
+    """Render a score table like ORBIT-2's Table 6: one row per (method, variable), after the
+    verdict (does the model beat the best baseline on each variable?).
 
     Both R² (coefficient of determination) and Pearson r are shown, because ORBIT-2's column
     "R²" is Pearson r. Units of RMSE columns are given per row in the variable column.
     """
     wide = df.pivot_table(index=["method", "variable"], columns="metric", values="value",
                           aggfunc="first", sort=False)
-    headers = ["method", "variable (units)"] + [h for _, h, _ in _COLUMNS]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    columns = list(_COLUMNS)
+    for metric, header, fmt in _OPTIONAL_COLUMNS:
+        if metric in wide.columns and (wide[metric].fillna(0) != 0).any():
+            columns.append((metric, header, fmt))
+    headers = ["method", "variable (units)"] + [h for _, h, _ in columns]
+    lines = [verdict_markdown(df, model), "| " + " | ".join(headers) + " |",
+             "|" + "---|" * len(headers)]
     for (method, variable), row in wide.iterrows():
         cells = [str(method), f"{variable} ({_units(str(variable))})"]
-        for metric, _, fmt in _COLUMNS:
+        for metric, _, fmt in columns:
             value = row.get(metric, np.nan)
             cells.append("–" if pd.isna(value) else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
@@ -138,6 +207,9 @@ def markdown_table(df: pd.DataFrame) -> str:
     lines.append(
         "R² is the coefficient of determination; ORBIT-2 reports Pearson r under the name R². "
         "RMSE > q99.73: RMSE over pixels where the truth exceeds its 99.73th percentile. "
-        "SSIM and PSNR use the truth's range (max − min) as the data range."
+        "SSIM and PSNR use the truth's range (max − min) as the data range. "
+        "residual_climatology: bicubic + the training period's mean residual per pixel, hour "
+        "of day and month; mos: per-pixel linear regression on the bicubic inputs."
     )
+    lines += ["", *notes] if notes else []
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from downscaler.infer import downscale_chunks
+from downscaler.infer import downscale_chunks, io_variables
 from downscaler.tiles_store import is_periodic
 
 COLUMNS = ["setting", "variable", "distance", "rmse", "n"]
@@ -73,7 +73,8 @@ def seam_settings(payload: dict, whole_domain: bool = True) -> dict[str, dict]:
     settings = {f"halo {halo} (as trained)": {}, "halo 0": {"halo": 0}}
     if halo == 0:
         settings = {"halo 0 (as trained)": {}}
-    if whole_domain:
+    one_tile = payload["tiling"]["div_lat"] == payload["tiling"]["div_lon"] == 1
+    if whole_domain and not one_tile:
         settings["whole domain, no tiles"] = {"halo": 0, "div": (1, 1)}
     return settings
 
@@ -91,13 +92,17 @@ def seam_errors(
     """Tidy RMSE by distance to the trained tiling's borders (setting, variable, distance, rmse, n).
 
     `fine` holds the truth (same times as `coarse`) and the statics; distances are in fine
-    pixels. Each setting is a dict of `downscale_chunks` overrides (`halo`, `div`).
+    pixels. Each setting is a dict of `downscale_chunks` overrides (`halo`, `div`). With one
+    tile (no inner border) the table is empty.
     """
     settings = seam_settings(payload) if settings is None else settings
     t = payload["tiling"]
-    variables = payload["variables"]
+    variables = io_variables(payload)[1]  # the targets
     distance = border_distance(fine.sizes["lat"], fine.sizes["lon"], t["div_lat"], t["div_lon"],
                                is_periodic(coarse["lon"].values))
+    if not np.isfinite(distance).any():
+        # a single tile has no inner border: no seam to measure, and no inference needed
+        return pd.DataFrame(columns=COLUMNS)
     static = fine[payload["statics"]].load()
     frames = []
     for label, overrides in settings.items():

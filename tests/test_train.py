@@ -328,8 +328,9 @@ def _round_trip(rank, world, layout_sizes, state_dir):
                                     {"tp": 2, "dchag": "linear"}],
                          ids=["ddp", "fsdp", "tp", "sp", "dchag"])
 def test_checkpoint_round_trip_per_layout(layout, tmp_path):
-    parallel = pytest.importorskip("downscaler.parallel")
-    out = parallel.spawn(_round_trip, 2, layout, str(tmp_path / "state"), timeout=240)
+    from downscaler.launcher import spawn
+
+    out = spawn(_round_trip, 2, layout, str(tmp_path / "state"), timeout=240)
     assert out[0] is not None and torch.isfinite(torch.tensor(out[0])).all()
 
 

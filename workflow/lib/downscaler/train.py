@@ -21,17 +21,14 @@ a consolidated checkpoint (``checkpoint_path``, read by ``checkpoint.load_checkp
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import resource
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,18 +48,16 @@ from downscaler.parallel.train_state import find_train_state
 from downscaler.samplers import ResumableSampler, ValidationShard
 from downscaler.tiles_store import TileDataset
 from downscaler.train_config import ParallelConfig, TrainConfig, from_validated
+from downscaler.train_log import LOG_FIELDS, MetricsLog, memory_mb, setup_logging, teardown_logging
 from downscaler.variables import BY_SHORT_NAME
 
 __all__ = ["LOG_FIELDS", "ResumableSampler", "TrainingDiverged", "run_rank", "train",
            "warmup_cosine"]
 
-# The figures read the first five columns; the rest are throughput and memory of rank 0.
-LOG_FIELDS = ["step", "epoch", "train_loss", "val_loss", "lr", "samples_per_s", "tokens_per_s",
-              "memory_mb", "grad_norm", "note"]
 STATE_DIR_NAME = "train_state"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-# Config keys that do not change the numbers, so a resume may differ in them (a larger time
-# budget continues a run).
+# Config keys that do not change the numbers, so a resume may differ in them (e.g. a run stopped
+# by Slurm may be resumed with another time budget).
 _NON_NUMERIC_KEYS = {"parallel": None,
                      "train": ("workers", "threads", "log_dir", "resume", "max_minutes")}
 # Not converged: the val loss fell by more than this fraction per validation over the last
@@ -158,36 +153,6 @@ class _StopFlag:
             signal.signal(signum, handler)
 
 
-def _setup_logging(log_dir: str, rank: int) -> logging.Handler:
-    """One log file per rank; rank 0 also logs to stderr (the rule's log)."""
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(Path(log_dir) / f"rank{rank}.log", mode="a")
-    handler.setFormatter(logging.Formatter("%(asctime)s rank" + str(rank) + " %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    if rank == 0:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(message)s"))
-        handler.stream_handler = stream  # type: ignore[attr-defined]
-        log.addHandler(stream)
-    return handler
-
-
-def _teardown_logging(handler: logging.Handler) -> None:
-    for h in (handler, getattr(handler, "stream_handler", None)):
-        if h is not None:
-            log.removeHandler(h)
-            h.close()
-
-
-def _memory_mb(device: torch.device) -> float:
-    """Peak memory of this rank: GPU allocations on a GPU, resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _all_max(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -212,7 +177,7 @@ def run_rank(device: torch.device, config: dict, train_path: str, val_path: str,
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     opts, par = from_validated(config)
-    handler = _setup_logging(opts.log_dir, rank)
+    handler = setup_logging(log, opts.log_dir, rank)
     try:
         threads = opts.threads
         if not threads and world > 1 and device.type == "cpu":  # ranks share the cores
@@ -224,7 +189,7 @@ def run_rank(device: torch.device, config: dict, train_path: str, val_path: str,
                          log_path, rank, world, flag if stop is None else stop)
             return loop.run()
     finally:
-        _teardown_logging(handler)
+        teardown_logging(log, handler)
 
 
 class _Loop:
@@ -301,7 +266,7 @@ class _Loop:
                          else math.inf)
         self.metrics_path = self.state_dir / "metrics.csv"
         self.best_path = self.state_dir / "best.pt"
-        self.tensorboard = None
+        self.metrics: MetricsLog | None = None  # rank 0's
 
     # -- pieces ---------------------------------------------------------------------------
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor,
@@ -400,34 +365,6 @@ class _Loop:
         self.resumed_from = self.step
         log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
 
-    def open_metrics(self):
-        """The metrics CSV in the state dir; on resume, rows after the resumed step dropped."""
-        rows = []
-        if self.resumed_from is not None and self.metrics_path.is_file():
-            with open(self.metrics_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.metrics_path, "w", newline="")
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in LOG_FIELDS} for r in rows)
-        f.flush()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(self.state_dir / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            self.tensorboard = None
-        return f, writer
-
-    def write_row(self, f, writer, row: dict) -> None:
-        writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
-        f.flush()
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if key not in ("step", "epoch", "note") and value != "":
-                    self.tensorboard.add_scalar(key, float(value), row["step"])
-
     def save_best(self, val_loss: float) -> None:
         state = self.engine.full_state()  # collective
         if self.rank == 0:
@@ -469,9 +406,8 @@ class _Loop:
 
     def run(self) -> dict:
         self.try_resume()
-        f = writer = None
         if self.rank == 0:
-            f, writer = self.open_metrics()
+            self.metrics = MetricsLog(self.metrics_path, self.resumed_from)
         log.info("training %d steps (%d per epoch, global batch %d, dp %d, world %d, %s, "
                  "autocast %s)", self.total_steps, self.steps_per_epoch, self.opts.batch_size,
                  self.engine.dp_size, self.world, self.device, self.autocast_dtype)
@@ -502,10 +438,9 @@ class _Loop:
                                "lr": self.scheduler.get_last_lr()[0],
                                "samples_per_s": round(rate, 3),
                                "tokens_per_s": round(rate * tokens, 1),
-                               "memory_mb": round(_memory_mb(self.device), 1),
+                               "memory_mb": round(memory_mb(self.device), 1),
                                "grad_norm": norms[-1] if norms else ""}
-                        if self.rank == 0:
-                            self.write_row(f, writer, row)
+                        self.write_row(row)
                         bar.set_postfix(loss=f"{row['train_loss']:.4f}")
                         running, norms = [], []
                         window_start, window_steps = time.perf_counter(), 0
@@ -515,7 +450,7 @@ class _Loop:
                     last = self.step == self.total_steps or out_of_time
                     validated = False
                     if self.step % self.val_every == 0 or last:
-                        stopped_early = self.validation(f, writer, epoch_no, bar, last)
+                        stopped_early = self.validation(epoch_no, bar, last)
                         validated = True
                     if (self.opts.checkpoint_every_steps and not validated
                             and self.step % self.opts.checkpoint_every_steps == 0):
@@ -526,16 +461,14 @@ class _Loop:
                 log.info("train.max_minutes=%s spent at step %d of %d", self.opts.max_minutes,
                          self.step, self.total_steps)
             note = self.convergence_note(stopped_early)
-            if note and self.rank == 0:
-                self.write_row(f, writer, {"step": self.step, "note": note})
+            if note:
+                self.write_row({"step": self.step, "note": note})
             self.save_state(finished=True)
         finally:
             _shutdown_workers(self.loader)
             bar.close()
-            if f is not None:
-                f.close()
-                if self.tensorboard is not None:
-                    self.tensorboard.close()
+            if self.metrics is not None:
+                self.metrics.close()
         if self.rank == 0:
             self.publish()
         if dist.is_initialized():
@@ -562,14 +495,17 @@ class _Loop:
         log.warning("WARNING: %s", note)
         return note
 
-    def validation(self, f, writer, epoch_no: int, bar, last: bool = False) -> bool:
+    def write_row(self, row: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(row)
+
+    def validation(self, epoch_no: int, bar, last: bool = False) -> bool:
         """Validate, keep the best weights, save the resumable state; True to stop early."""
         val_loss = self.validate()
         self.val_history.append((self.step, val_loss))
+        self.write_row({"step": self.step, "epoch": epoch_no, "val_loss": val_loss,
+                        "lr": self.scheduler.get_last_lr()[0]})
         if self.rank == 0:
-            self.write_row(f, writer, {"step": self.step, "epoch": epoch_no,
-                                       "val_loss": val_loss,
-                                       "lr": self.scheduler.get_last_lr()[0]})
             bar.write(f"step {self.step} (epoch {epoch_no}): val loss {val_loss:.4f}")
         log.info("step %d: val loss %.6f", self.step, val_loss)
         if val_loss < self.best_val * (1 - self.opts.min_delta):

@@ -324,14 +324,28 @@ def _round_trip(rank, world, layout_sizes, state_dir):
     return None
 
 
-@pytest.mark.parametrize("layout", [{"dp_replicate": 2}, {"dp_shard": 2}, {"tp": 2}, {"sp": 2},
-                                    {"tp": 2, "dchag": "linear"}],
-                         ids=["ddp", "fsdp", "tp", "sp", "dchag"])
-def test_checkpoint_round_trip_per_layout(layout, tmp_path):
+ROUND_TRIP_LAYOUTS = {"ddp": {"dp_replicate": 2}, "fsdp": {"dp_shard": 2}, "tp": {"tp": 2},
+                      "sp": {"sp": 2}, "dchag": {"tp": 2, "dchag": "linear"}}
+
+
+def _round_trips(rank, world, layouts, root):
+    """Every layout's round trip in one spawned world (process start-up dominates)."""
+    return {name: _round_trip(rank, world, sizes, str(Path(root) / name))
+            for name, sizes in layouts.items()}
+
+
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory):
     from downscaler.launcher import spawn
 
-    out = spawn(_round_trip, 2, layout, str(tmp_path / "state"), timeout=240)
-    assert out[0] is not None and torch.isfinite(torch.tensor(out[0])).all()
+    root = tmp_path_factory.mktemp("round_trips")
+    return spawn(_round_trips, 2, ROUND_TRIP_LAYOUTS, str(root), timeout=600)[0]
+
+
+@pytest.mark.parametrize("layout", list(ROUND_TRIP_LAYOUTS))
+def test_checkpoint_round_trip_per_layout(round_trips, layout):
+    out = round_trips[layout]
+    assert out is not None and torch.isfinite(torch.tensor(out)).all()
 
 
 def test_deepspeed_engine_missing_is_a_clear_error(stores, tmp_path, monkeypatch):

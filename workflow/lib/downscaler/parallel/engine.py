@@ -25,8 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.checkpointing import apply_activation_checkpointing
 from ..train_config import ParallelConfig, TrainConfig
 from . import train_state as ckpt
+from .clip import clip_grad_norm_
+from .dchag import is_tp_distinct
+from .layout import Layout, build_mesh, resolve_sizes
+from .parallelize import parallelize, reduce_gradients
 
 __all__ = ["DeepSpeedEngine", "TorchEngine", "build_engine", "autocast_dtype"]
 
@@ -47,8 +52,6 @@ class TorchEngine:
 
     def __init__(self, base: nn.Module, train: TrainConfig, par: ParallelConfig,
                  device: torch.device, world: int) -> None:
-        from .layout import Layout, resolve_sizes
-
         self.grad_clip = train.grad_clip
         self.autocast_dtype = autocast_dtype(train.precision, device)
         self.layout = Layout.from_config(resolve_sizes(par.sizes(), world))
@@ -59,9 +62,6 @@ class TorchEngine:
         self.tp_group = None
         self.dp_rank, self.dp_size = 0, 1
         if world > 1:
-            from .layout import build_mesh
-            from .parallelize import parallelize
-
             self.mesh = build_mesh(self.layout, device.type)
             self.model = parallelize(base, self.layout, self.mesh,
                                      activation_checkpointing=par.activation_checkpointing,
@@ -72,8 +72,6 @@ class TorchEngine:
             if self.layout.dchag is not None:
                 self.tp_group = self.mesh["tp"].get_group()
         elif par.activation_checkpointing:
-            from ..model.checkpointing import apply_activation_checkpointing
-
             apply_activation_checkpointing(base)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr,
                                            betas=train.betas, weight_decay=train.weight_decay)
@@ -85,14 +83,9 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.mesh is not None:
-            from .parallelize import reduce_gradients
-
             reduce_gradients(self.model, self.layout, self.mesh)
         norm = None
         if self.grad_clip > 0:
-            from .clip import clip_grad_norm_
-            from .dchag import is_tp_distinct
-
             norm = clip_grad_norm_(self.model, self.grad_clip, self.tp_group,
                                    is_tp_distinct if self.tp_group is not None else None)
         self.optimizer.step()

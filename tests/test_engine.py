@@ -3,9 +3,10 @@
 Each case (tests/engine_cases.py) trains 6 steps with clipping that bites, validates 5 tiles (odd:
 the data-parallel ranks get padded shards), is stopped at step 3 and resumed; its logged train
 losses, gradient norms, validation losses and published best checkpoint must equal a
-single-process run of the same config: to 1e-9 in float64 for the torch engine (DDP, FSDP2,
+single-process run of the same config: to 1e-10 in float64 for the torch engine (DDP, FSDP2,
 HSDP, TP, SP and their combinations, D-CHAG linear and cross with TP and FSDP), to float32
-rounding for DeepSpeed ZeRO 1-3 (its engine trains in float32). D-CHAG is compared with the
+rounding for DeepSpeed ZeRO 1-3 (its engine trains in float32: logged numbers to 5e-6, weights
+to rtol 2e-3 / atol 1e-5). D-CHAG is compared with the
 single-process D-CHAG model (``parallel.dchag.reference_model``), the model its checkpoint holds.
 Two spawned worlds (2 and 4 processes) run all their cases in turn.
 """
@@ -122,7 +123,10 @@ def _numbers(rows: list[dict], key: str) -> list[tuple[int, float]]:
 
 def _check(got: dict, want: dict, case: dict) -> None:
     exact = case["dtype"] == F64
-    rel, abs_ = (1e-9, 1e-12) if exact else (2e-4, 1e-6)
+    # measured: float64 4e-16 (logged) / 5e-13 (weights); DeepSpeed float32 1.4e-7 / 9e-5 (Adam
+    # amplifies float32 rounding where gradients are near its eps)
+    rel, abs_ = (1e-10, 1e-12) if exact else (5e-6, 1e-7)
+    w_rtol, w_atol = (1e-9, 1e-11) if exact else (2e-3, 1e-5)
     assert got["stopped"] == cases.STOP_AT and got["summary"]["resumed_from"] == cases.STOP_AT
     assert got["summary"]["steps"] == want["summary"]["steps"] == 6
     for key in ("train_loss", "val_loss", "grad_norm"):
@@ -135,7 +139,7 @@ def _check(got: dict, want: dict, case: dict) -> None:
     assert got["state"].keys() == want["state"].keys()
     for name, value in want["state"].items():
         torch.testing.assert_close(got["state"][name].to(value.dtype), value,
-                                   rtol=rel * 10, atol=abs_ * 10, msg=name)
+                                   rtol=w_rtol, atol=w_atol, msg=name)
 
 
 def test_clipping_bites_in_the_reference(references):

@@ -411,7 +411,8 @@ def test_budget_early_stopping_and_convergence_note(stores, tmp_path):
     if note:
         assert note[0].startswith("not converged") and int(rows[-1]["step"]) == 5
 
-    summary, rows = run("minutes", max_minutes=1e-6)
+    summary, rows = run("minutes", max_minutes=1e-6,
+                        parallel={"activation_checkpointing": True})  # via parallelize
     assert summary["out_of_time"] and summary["steps"] == 1
     assert [int(r["step"]) for r in rows if r["val_loss"]] == [1]  # validated before ending
 

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.checkpointing import apply_activation_checkpointing
 from ..train_config import ParallelConfig, TrainConfig
 from . import train_state as ckpt
 from .clip import clip_grad_norm_
@@ -63,16 +62,14 @@ class TorchEngine:
         self.dp_rank, self.dp_size = 0, 1
         if world > 1:
             self.mesh = build_mesh(self.layout, device.type)
-            self.model = parallelize(base, self.layout, self.mesh,
-                                     activation_checkpointing=par.activation_checkpointing,
-                                     param_dtype=self.autocast_dtype)
             self.dp_size = self.layout.dp
             self.dp_rank = (self.mesh["dp_replicate"].get_local_rank() * self.layout.dp_shard
                             + self.mesh["dp_shard"].get_local_rank())
             if self.layout.dchag is not None:
                 self.tp_group = self.mesh["tp"].get_group()
-        elif par.activation_checkpointing:
-            apply_activation_checkpointing(base)
+        self.model = parallelize(base, self.layout, self.mesh,
+                                 activation_checkpointing=par.activation_checkpointing,
+                                 param_dtype=self.autocast_dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr,
                                            betas=train.betas, weight_decay=train.weight_decay)
         self.dchag = ckpt.dchag_metadata(self.model)

@@ -58,7 +58,7 @@ def _check_mesh(layout: Layout, mesh: DeviceMesh) -> None:
 def parallelize(
     model: Reslim,
     layout: Layout,
-    mesh: DeviceMesh,
+    mesh: DeviceMesh | None,
     activation_checkpointing: bool = False,
     param_dtype: torch.dtype | None = None,
 ) -> nn.Module:
@@ -69,11 +69,17 @@ def parallelize(
     to reach ``cfg`` / ``state_dict`` names without the ``module.`` prefix). Every rank must
     build ``model`` identically (same seed) before calling this. ``param_dtype`` (e.g. bf16)
     is FSDP2's mixed-precision policy: parameters all-gathered and computed in it, gradients
-    reduce-scattered in float32 (halves the communication of bf16 training).
+    reduce-scattered in float32 (halves the communication of bf16 training). One process
+    (``mesh`` None, an all-ones layout) gets activation checkpointing only, so every run goes
+    through this one function.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "cfg"):
         raise TypeError(f"model must be a Reslim (with .cfg), got {type(model).__name__}")
-    layout.validate(mesh.size(), model.cfg)
+    layout.validate(1 if mesh is None else mesh.size(), model.cfg)
+    if mesh is None:
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        return model
     _check_mesh(layout, mesh)
     if layout.dchag is not None:
         # Lazy: D-CHAG is optional and lives in its own module.

@@ -110,11 +110,8 @@ class DeepSpeedEngine:
 
     def __init__(self, base: nn.Module, train: TrainConfig, par: ParallelConfig,
                  device: torch.device, world: int) -> None:
-        if any(getattr(par, k) != 1 for k in ("dp_shard", "tp", "sp")) or par.dchag:
-            raise ValueError(
-                "config key parallel.engine is 'deepspeed', which shards with ZeRO "
-                "(parallel.zero_stage) over plain data parallelism; set parallel.dp_shard, tp "
-                "and sp to 1, or use engine: torch for FSDP/TP/SP layouts")
+        # the layout (plain data parallelism only) was checked with the config
+        # (parallel.layout.check_parallel_config)
         try:
             from .deepspeed_engine import build_deepspeed_engine
         except ImportError as err:

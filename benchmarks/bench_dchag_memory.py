@@ -18,16 +18,14 @@ Peak memory per rank as in ``common`` (every rank is a fresh process).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from common import PeakMemory, fmt_bytes, pick_device, print_table, run_isolated, sync
 from common import write_results as save
+from downscaler.launcher import spawn
 from downscaler.model.presets import build_model
 from downscaler.model.reslim import Reslim
 from downscaler.parallel.dchag import apply_dchag
@@ -77,42 +75,21 @@ def replicated_case(
     return res
 
 
-def _rank(rank: int, world: int, port: int, queue: Any, kwargs: dict[str, Any]) -> None:
-    """One D-CHAG rank: build, apply D-CHAG, measure, report through ``queue``."""
-    torch.set_num_threads(1)
-    use_nccl = kwargs["nccl"]
-    dev = torch.device(f"cuda:{rank}") if use_nccl else torch.device("cpu")
-    if use_nccl:
-        torch.cuda.set_device(dev)
-    dist.init_process_group(
-        "nccl" if use_nccl else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-    )
-    try:
-        model = build(kwargs["channels"], kwargs["dim"], kwargs["heads"], dev)
-        apply_dchag(model, dist.group.WORLD, kwargs["variant"])
-        res = token_stage(model, kwargs["channels"], kwargs["size"], kwargs["batch"], dev)
-        res["params"] = sum(p.numel() for m in (model.tokenizer, model.aggregator)
-                            for p in m.parameters())  # fmt: skip
-        queue.put((rank, res))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _rank(rank: int, world: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One D-CHAG rank (inside the launcher's process group): build, apply D-CHAG, measure."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if kwargs["nccl"] else torch.device(
+        "cpu")
+    model = build(kwargs["channels"], kwargs["dim"], kwargs["heads"], dev)
+    apply_dchag(model, dist.group.WORLD, kwargs["variant"])
+    res = token_stage(model, kwargs["channels"], kwargs["size"], kwargs["batch"], dev)
+    res["params"] = sum(p.numel() for m in (model.tokenizer, model.aggregator)
+                        for p in m.parameters())  # fmt: skip
+    return res
 
 
 def dchag_case(world: int, **kwargs: Any) -> list[dict[str, Any]]:
-    """Spawn ``world`` D-CHAG ranks; return each rank's measurement (rank order)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank, args=(world, port, queue, kwargs), nprocs=world, join=True)
-    results = dict(queue.get() for _ in range(world))
-    return [results[r] for r in range(world)]
+    """Spawn ``world`` D-CHAG ranks with the project's launcher; each rank's measurement."""
+    return spawn(_rank, world, kwargs, device="cuda" if kwargs["nccl"] else "cpu")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """D-CHAG parity: sharded over spawned gloo processes vs a single-process ``DchagReference``.
 
-Each spawn (``downscaler.parallel.launch.spawn``) runs several checks and returns tensors; the
+Each spawn (``downscaler.launcher.spawn``) runs several checks and returns tensors; the
 assertions run here in the test process. Float64 and tiny dimensions, so agreement is to ~1e-15
 and a spawn takes a few seconds.
 """
@@ -12,6 +12,7 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
+from downscaler.launcher import spawn
 from downscaler.model.presets import build_model
 from downscaler.model.reslim import Reslim
 from downscaler.parallel import Layout, build_mesh, parallelize, reduce_gradients, shard_batch
@@ -23,7 +24,6 @@ from downscaler.parallel.dchag import (
     load_partition,
     reference_reslim,
 )
-from downscaler.parallel.launch import spawn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 

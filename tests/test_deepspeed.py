@@ -7,15 +7,12 @@ start-up and DeepSpeed's import dominate the runtime) and saves the weights; ass
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from downscaler.launcher import spawn
 from downscaler.model.presets import build_model
 from downscaler.model.reslim import Reslim
 from downscaler.parallel.deepspeed_engine import (
@@ -80,60 +77,42 @@ def plain_adamw() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Every ZeRO stage in turn on this rank's half of each batch, plus a checkpoint round trip."""
-    torch.set_num_threads(1)
-    # DeepSpeed reads these even when the process group already exists.
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        half = BATCH // world
-        rows = slice(rank * half, (rank + 1) * half)
-        local = [(x[rows], s[rows], r, y[rows]) for x, s, r, y in batches()]
-        results = {}
-        for stage in STAGES:
-            engine = build_deepspeed_engine(
-                tiny_model(), {**SECTION, "zero_stage": stage, "micro_batch_size": half}
-            )
-            losses = [train_step(engine, b, F.mse_loss) for b in local[:-1]]
-            ckpt = Path(out_dir) / f"ckpt_stage{stage}"
-            save_checkpoint(engine, ckpt)
-            losses.append(train_step(engine, local[-1], F.mse_loss))
-            final = full_state_dict(engine)
-            # Resume: a fresh engine loads the step-2 checkpoint and redoes step 3.
-            resumed = build_deepspeed_engine(
-                tiny_model(), {**SECTION, "zero_stage": stage, "micro_batch_size": half}
-            )
-            load_checkpoint(resumed, ckpt)
-            resumed_loss = train_step(resumed, local[-1], F.mse_loss)
-            results[stage] = {
-                "state": final,
-                "losses": losses,
-                "resumed_state": full_state_dict(resumed),
-                "resumed_loss": resumed_loss,
-            }
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    """Every ZeRO stage in turn on this rank's half of each batch, plus a checkpoint round trip
+    (inside the launcher's process group, which also exports the RANK/... variables DeepSpeed
+    reads)."""
+    half = BATCH // world
+    rows = slice(rank * half, (rank + 1) * half)
+    local = [(x[rows], s[rows], r, y[rows]) for x, s, r, y in batches()]
+    results = {}
+    for stage in STAGES:
+        engine = build_deepspeed_engine(
+            tiny_model(), {**SECTION, "zero_stage": stage, "micro_batch_size": half}
+        )
+        losses = [train_step(engine, b, F.mse_loss) for b in local[:-1]]
+        ckpt = Path(out_dir) / f"ckpt_stage{stage}"
+        save_checkpoint(engine, ckpt)
+        losses.append(train_step(engine, local[-1], F.mse_loss))
+        final = full_state_dict(engine)
+        # Resume: a fresh engine loads the step-2 checkpoint and redoes step 3.
+        resumed = build_deepspeed_engine(
+            tiny_model(), {**SECTION, "zero_stage": stage, "micro_batch_size": half}
+        )
+        load_checkpoint(resumed, ckpt)
+        resumed_loss = train_step(resumed, local[-1], F.mse_loss)
+        results[stage] = {
+            "state": final,
+            "losses": losses,
+            "resumed_state": full_state_dict(resumed),
+            "resumed_loss": resumed_loss,
+        }
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ds_results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("deepspeed")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn(_worker, 2, str(out), timeout=600)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

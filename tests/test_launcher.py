@@ -82,3 +82,23 @@ def test_torchrun_variables_win_and_need_a_rendezvous():
 def test_backends():
     assert backend_for("cpu") == "gloo"
     assert backend_for("cuda") == "nccl"
+
+
+def _group_size(device):
+    import torch.distributed as dist
+
+    return str(device), dist.is_initialized() and dist.get_world_size()
+
+
+def test_one_local_process_runs_inside_a_group_of_one():
+    """The one launcher's contract: ``fn`` always runs inside a process group (gloo at world 1),
+    which it leaves afterwards, restoring the rendezvous variables."""
+    import os
+
+    import torch.distributed as dist
+    from downscaler.launcher import launch
+
+    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    assert launch(_group_size, 1, "cpu") == ("cpu", 1)
+    assert not dist.is_initialized()
+    assert {k: os.environ.get(k) for k in before} == before

@@ -2,6 +2,7 @@
 checkpoint round trips for each parallel layout."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from downscaler.config import validate_config
 from downscaler.launcher import EXIT_REQUEUE
 from downscaler.model.presets import build_model
 from downscaler.pairs import compute_stats, make_pairs
+from downscaler.parallel import train_state
 from downscaler.tiles_store import write_tiles
 from downscaler.train import LOG_FIELDS, ResumableSampler, TrainingDiverged, train
 
@@ -57,10 +59,14 @@ def even_stores(tmp_path_factory) -> tuple[str, str]:
 
 def make_config(tmp: Path, processes: int = 1, parallel: dict | None = None,
                 **train_opts) -> dict:
-    opts = {"epochs": 4, "batch_size": 8, "workers": 0, "val_every_steps": 3,
+    opts = {"epochs": 4, "batch_size": 8, "workers": 0, "val_every_steps": 3, "patience": 0,
             "log_dir": str(tmp / "logs" / "train"), **train_opts}
     par = {"processes": processes, "device": "cpu", **(parallel or {})}
-    return validate_config({"seed": 7, "model": SMALL_MODEL, "train": opts, "parallel": par})
+    # D-CHAG splits the channels over tp: the even stores have 2 variables + 2 statics
+    statics = (["orography", "land_sea_mask"] if par.get("dchag")
+               else ["orography", "land_sea_mask", "latitude"])
+    return validate_config({"seed": 7, "model": SMALL_MODEL, "train": opts, "parallel": par,
+                            "statics": statics})
 
 
 def run_cli(config: dict, stores, out: Path, **popen) -> subprocess.Popen:
@@ -68,7 +74,9 @@ def run_cli(config: dict, stores, out: Path, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "downscaler.cli", "train", "--config", json.dumps(config),
            "--train", stores[0], "--val", stores[1], "--checkpoint",
            str(out / "model" / "checkpoint.pt"), "--log", str(out / "model" / "log.csv")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # this checkout's package first (the venv may hold another checkout's, installed editable)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "workflow" / "lib"),
+                                                        str(REPO)])}
     for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         env.pop(key, None)
     return subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE,
@@ -227,8 +235,8 @@ def _check_dchag_grad_norm(build, mesh, fresh, x, static, y, variant):
     Only the D-CHAG modules' gradients are kept (on both models): the rest of this tiny model
     dwarfs them, so a wrong D-CHAG share would hide in the total.
     """
-    from downscaler.parallel.dchag import PRIVATE_PREFIXES, reference_model
-    from downscaler.train import _clip_dchag_grad_norm
+    from downscaler.parallel.clip import clip_grad_norm_
+    from downscaler.parallel.dchag import PRIVATE_PREFIXES, is_tp_distinct, reference_model
 
     model, _ = build()
     torch.manual_seed(0)
@@ -239,7 +247,7 @@ def _check_dchag_grad_norm(build, mesh, fresh, x, static, y, variant):
             if not name.startswith(PRIVATE_PREFIXES):
                 p.grad = None
     want = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")))
-    got = _clip_dchag_grad_norm(model, 1e9, mesh["tp"].get_group())  # too large to clip
+    got = float(clip_grad_norm_(model, 1e9, mesh["tp"].get_group(), is_tp_distinct))
     assert got == pytest.approx(want, rel=1e-5)
 
 
@@ -272,15 +280,16 @@ def _round_trip(rank, world, layout_sizes, state_dir):
     if layout.dchag is not None:
         _check_dchag_grad_norm(build, mesh, fresh, x, static, y, layout.dchag)
     opt.step()
-    ckpt.save_train_state(state_dir, model, opt, {"step": 1}, {"rng": torch.get_rng_state()})
-    full = ckpt.full_model_state(model)
-    dchag = ckpt.dchag_metadata(model)
+    train_state.save_train_state(state_dir, model, opt, {"step": 1}, {"rng": torch.get_rng_state()})
+    full = train_state.full_model_state(model)
+    dchag = train_state.dchag_metadata(model)
     assert dchag == ({"variant": layout_sizes["dchag"], "tp": 2}
                      if layout_sizes.get("dchag") else None)
     model2, opt2 = build()  # the initial weights: the trained step must come from the state
-    meta, rank_state = ckpt.load_train_state(ckpt.find_train_state(state_dir), model2, opt2)
+    path = train_state.find_train_state(state_dir)
+    meta, rank_state = train_state.load_train_state(path, model2, opt2)
     assert meta == {"step": 1} and rank_state is not None
-    full2 = ckpt.full_model_state(model2)
+    full2 = train_state.full_model_state(model2)
     if rank == 0:
         assert full.keys() == full2.keys()
         for k in full:
@@ -315,26 +324,112 @@ def _round_trip(rank, world, layout_sizes, state_dir):
     return None
 
 
-@pytest.mark.parametrize("layout", [{"dp_replicate": 2}, {"dp_shard": 2}, {"tp": 2}, {"sp": 2},
-                                    {"tp": 2, "dchag": "linear"}],
-                         ids=["ddp", "fsdp", "tp", "sp", "dchag"])
-def test_checkpoint_round_trip_per_layout(layout, tmp_path):
-    parallel = pytest.importorskip("downscaler.parallel")
-    out = parallel.spawn(_round_trip, 2, layout, str(tmp_path / "state"), timeout=240)
-    assert out[0] is not None and torch.isfinite(torch.tensor(out[0])).all()
+ROUND_TRIP_LAYOUTS = {"ddp": {"dp_replicate": 2}, "fsdp": {"dp_shard": 2}, "tp": {"tp": 2},
+                      "sp": {"sp": 2}, "dchag": {"tp": 2, "dchag": "linear"}}
 
 
-def test_deepspeed_engine_or_clear_error(stores, tmp_path):
+def _round_trips(rank, world, layouts, root):
+    """Every layout's round trip in one spawned world (process start-up dominates)."""
+    return {name: _round_trip(rank, world, sizes, str(Path(root) / name))
+            for name, sizes in layouts.items()}
+
+
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory):
+    from downscaler.launcher import spawn
+
+    root = tmp_path_factory.mktemp("round_trips")
+    return spawn(_round_trips, 2, ROUND_TRIP_LAYOUTS, str(root), timeout=600)[0]
+
+
+@pytest.mark.parametrize("layout", list(ROUND_TRIP_LAYOUTS))
+def test_checkpoint_round_trip_per_layout(round_trips, layout):
+    out = round_trips[layout]
+    assert out is not None and torch.isfinite(torch.tensor(out)).all()
+
+
+def test_deepspeed_engine_missing_is_a_clear_error(stores, tmp_path, monkeypatch):
+    """Without the deepspeed package, engine: deepspeed stops at once naming the config key
+    (the engine itself is compared with one process in tests/test_engine.py)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_deepspeed(name, *args, **kwargs):
+        if name == "deepspeed" or name.endswith("deepspeed_engine"):
+            raise ImportError("No module named 'deepspeed'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_deepspeed)
     config = make_config(tmp_path, epochs=1)
     config["parallel"]["engine"] = "deepspeed"
-    try:
-        import downscaler.parallel.deepspeed_engine  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="parallel.engine is 'deepspeed'"):
-            train(config, *stores, str(tmp_path / "ckpt.pt"), str(tmp_path / "log.csv"))
-        return
-    pytest.importorskip("deepspeed")
-    summary = train(config, *stores, str(tmp_path / "ckpt.pt"), str(tmp_path / "log.csv"))
-    assert summary["steps"] == 6
-    model, _ = ckpt.load_checkpoint(tmp_path / "ckpt.pt")
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ImportError, match="parallel.engine is 'deepspeed'.*pip install"):
+        train(config, *stores, str(tmp_path / "ckpt.pt"), str(tmp_path / "log.csv"))
+
+
+def test_inference_checkpoint_loading_imports_no_distributed_code(tmp_path):
+    """A D-CHAG checkpoint rebuilds on one process through downscaler.checkpoint alone: no
+    downscaler.parallel / launcher module is imported (fresh interpreter)."""
+    from downscaler.model.dchag_reference import reference_model
+
+    torch.manual_seed(0)
+    model = reference_model(build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], ["orog", "lsm"],
+                                        embed_dim=32, num_heads=2, depth=1), 2, "cross")
+    path = tmp_path / "dchag.pt"
+    ckpt.write_checkpoint(path, dataclasses.asdict(model.cfg), model.state_dict(),
+                          dchag={"variant": "cross", "tp": 2})
+    code = ("import sys; from downscaler.checkpoint import load_checkpoint; "
+            f"m, p = load_checkpoint({str(path)!r}); "
+            "print(sorted(k for k in sys.modules if k.startswith(('downscaler.parallel', "
+            "'downscaler.launcher')))); print(p['dchag'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "workflow" / "lib")},
+                         check=True).stdout.splitlines()
+    assert out[-2:] == ["[]", "{'variant': 'cross', 'tp': 2}"]
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_budget_early_stopping_and_convergence_note(stores, tmp_path):
+    """Training ends at the first of epochs / max_steps / max_minutes, or by early stopping; a
+    run that ends while the val loss still falls says so in the log and the metrics CSV."""
+    def run(name, **opts):
+        out = tmp_path / name
+        summary = train(make_config(out, **opts), *stores, str(out / "ckpt.pt"),
+                        str(out / "log.csv"))
+        return summary, _rows(out / "log.csv")
+
+    summary, rows = run("steps", max_steps=5, val_every_steps=2, lr=2e-2, warmup_epochs=0.5)
+    assert summary["steps"] == 5 and not summary["out_of_time"]
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [2, 4, 5]
+    assert float([r for r in rows if r["lr"]][-1]["lr"]) == 0.0  # the schedule ends at step 5
+    note = [r["note"] for r in rows if r["note"]]
+    assert summary["converged"] is (not note)
+    if note:
+        assert note[0].startswith("not converged") and int(rows[-1]["step"]) == 5
+
+    summary, rows = run("minutes", max_minutes=1e-6,
+                        parallel={"activation_checkpointing": True})  # via parallelize
+    assert summary["out_of_time"] and summary["steps"] == 1
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [1]  # validated before ending
+
+    summary, rows = run("patience", lr=1e-9, val_every_steps=1, patience=2, min_delta=0.5)
+    assert summary["stopped_early"] and summary["steps"] == 3 and summary["best_step"] == 1
+    assert summary["converged"]  # early stopping is not "still falling"
+
+
+def test_layout_is_checked_at_config_time():
+    from downscaler.config import ConfigError
+
+    with pytest.raises(ConfigError, match="parallel.*nearest valid choice.*tp: 2") as err:
+        validate_config({"model": SMALL_MODEL, "parallel": {"processes": 2, "tp": 3}})
+    assert str(err.value).count("\n") <= 3  # one message
+    with pytest.raises(ConfigError, match="num_heads=2 is not divisible by tp\\*sp"):
+        validate_config({"model": SMALL_MODEL, "parallel": {"processes": 4, "tp": 4}})
+    with pytest.raises(ConfigError, match="deepspeed.*set parallel.dp_shard, tp and sp to 1"):
+        validate_config({"model": SMALL_MODEL,
+                         "parallel": {"processes": 2, "engine": "deepspeed", "tp": 2}})
+    validate_config({"model": SMALL_MODEL, "parallel": {"processes": 4, "tp": 2}})  # fine

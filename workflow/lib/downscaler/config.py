@@ -181,6 +181,7 @@ def _check_semantics(config: dict) -> None:
             raise ConfigError(f"config key split: {a} and {b} overlap; splits must be disjoint")
     _check_sources(config)
     _check_grid(config)
+    __import__("downscaler.parallel.layout", fromlist=["check_config"]).check_config(config)
 
 
 def _check_variables(config: dict) -> None:

@@ -6,7 +6,12 @@ from ``SLURM_*`` variables, with the compressed node list expanded here, so neit
 nor ``scontrol`` is needed (OLCF discourages torchrun on Frontier). Variables set by torchrun
 (``RANK``/``WORLD_SIZE``/...) are honoured too. Otherwise ``launch`` spawns ``processes`` local
 processes itself (gloo on CPU, nccl -- RCCL on ROCm -- on GPU), forwards SIGTERM/SIGUSR1/SIGINT
-to them and turns their exit into one result or one clear error.
+to them and turns their exit into one result or one clear error. ``fn`` always runs inside an
+initialised process group (a group of one for a single process).
+
+This is the one launcher: the training rule (through ``train.train``), the tests and the
+benchmarks start processes with ``launch`` (``fn(device, ...)``, rank 0's result) or ``spawn``
+(``fn(rank, world, ...)``, every rank's result).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
 import re
 import signal
 import socket
@@ -232,26 +238,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(fn: Callable[..., Any], processes: int, device: str, *args: Any,
-           always_group: bool = False) -> Any:
-    """Run ``fn(device, *args)`` on every rank and return rank 0's result.
+def launch(fn: Callable[..., Any], processes: int, device: str, *args: Any) -> Any:
+    """Run ``fn(device, *args)`` on every rank, inside the process group; rank 0's result.
 
     Inside srun/torchrun this process is one rank; otherwise ``processes`` local ranks are
-    spawned (1 runs in this process, without a process group unless `always_group`).
-    `device` is "cpu" or "cuda".
+    spawned (1 runs in this process, in a gloo/nccl group of one: every caller can rely on
+    ``torch.distributed`` being initialised). `device` is "cpu" or "cuda".
     """
     denv = detect()
     if denv is not None:
         log.info("rank %d/%d from %s, rendezvous %s:%d", denv.rank, denv.world_size,
                  denv.source, denv.master_addr, denv.master_port)
         return _run_rank(denv, fn, device, args)
-    if processes <= 1 and always_group:
+    if processes <= 1:
         single = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1,
                          master_addr="127.0.0.1", master_port=free_port(), source="local")
         return _run_rank(single, fn, device, args)
-    if processes <= 1:
-        return fn(torch.device("cuda" if device == "cuda" else "cpu"), *args)
-    return _spawn(fn, processes, device, args)
+    return _spawn(fn, processes, device, args)[0]
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0,
+          num_threads: int | None = 1, grace: float = 5.0, device: str = "cpu") -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh local processes joined in one
+    process group (gloo on CPU); returns every rank's result, in rank order.
+
+    The same processes, rendezvous and error handling as ``launch`` (for tests, benchmarks and
+    anything that needs every rank's result). Raises ``LaunchError`` (a ``RuntimeError``) naming
+    each failed rank and its error, or ``TimeoutError`` after ``timeout`` seconds.
+    ``num_threads`` caps torch threads per process (None: torch's default).
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    return _spawn(_call_with_rank, world_size, device, (fn, num_threads, args),
+                  timeout=timeout, grace=grace)
+
+
+def _call_with_rank(_device: torch.device, fn: Callable[..., Any], num_threads: int | None,
+                    args: tuple) -> Any:
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)  # the local processes share the cores
+    return fn(dist.get_rank(), dist.get_world_size(), *args)
 
 
 RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -262,15 +288,23 @@ def _run_rank(denv: DistEnv, fn: Callable[..., Any], device: str, args: tuple) -
     # launch from this process (or a child it starts) would take them as its own torchrun world
     saved = {name: os.environ.get(name) for name in RENDEZVOUS_VARIABLES}
     torch_device = init_process_group(denv, device)
+    ok = False
     try:
-        return fn(torch_device, *args)
+        result = fn(torch_device, *args)
+        ok = True
+        return result
     finally:
-        shutdown()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        try:
+            if ok:  # a failed rank skips the barrier: its peers may be stuck elsewhere
+                shutdown()
+            elif dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _child(fn, rank, world, port, device, args, results) -> None:
@@ -279,18 +313,21 @@ def _child(fn, rank, world, port, device, args, results) -> None:
                    master_addr="127.0.0.1", master_port=port, source="local")
     try:
         result = _run_rank(denv, fn, device, args)
-        if rank == 0:
-            results.put(("ok", rank, result))
+        # by value: torch's queue pickler would pass tensors as shared-memory handles, which
+        # die with this process
+        results.put(("ok", rank, pickle.dumps(result)))
     except TrainingInterrupted as stop:
         results.put(("interrupted", rank, str(stop)))
         sys.exit(EXIT_REQUEUE)
     except BaseException as err:  # report any failure to the parent, then exit non-zero
         traceback.print_exc()
-        results.put(("error", rank, f"{type(err).__name__}: {err}"))
+        results.put(("error", rank, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
         sys.exit(1)
 
 
-def _spawn(fn: Callable[..., Any], processes: int, device: str, args: tuple) -> Any:
+def _spawn(fn: Callable[..., Any], processes: int, device: str, args: tuple,
+           timeout: float | None = None, grace: float = FAILURE_GRACE_S) -> list[Any]:
+    """Every rank's result (rank order) of ``fn(device, *args)`` on local processes."""
     if device == "cuda" and torch.cuda.device_count() < processes:
         raise LaunchError(f"config key parallel.processes={processes} but only "
                           f"{torch.cuda.device_count()} GPU(s) are visible; lower it")
@@ -308,24 +345,29 @@ def _spawn(fn: Callable[..., Any], processes: int, device: str, args: tuple) -> 
 
     for signum in FORWARDED_SIGNALS:
         previous[signum] = signal.signal(signum, forward)
+    # Spawned children must not inherit a half-set distributed environment from the parent.
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    messages: list[tuple] = []
     try:
         for p in procs:
             p.start()
-        _wait_all(procs)
+        os.environ.update(saved)
+        _wait_all(procs, results, messages, timeout, grace)
     finally:
+        os.environ.update(saved)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for p in procs:
             if p.pid is not None and p.exitcode is None:
                 p.kill()
                 p.join()
-    messages = []
     while not results.empty():
         messages.append(results.get())
-    errors = [m for m in messages if m[0] == "error"]
+    errors = sorted((m for m in messages if m[0] == "error"), key=lambda m: m[1])
     if errors:
-        detail = "; ".join(f"rank {rank}: {msg}" for _, rank, msg in errors)
-        raise LaunchError(f"{len(errors)} of {processes} processes failed: {detail}")
+        detail = "\n".join(f"--- rank {rank}: {msg}" for _, rank, msg in errors)
+        raise LaunchError(f"{len(errors)} of {processes} processes failed "
+                          f"(rank {', '.join(str(m[1]) for m in errors)}):\n{detail}")
     codes = {p.name: p.exitcode for p in procs}
     if any(code == EXIT_REQUEUE for code in codes.values()):
         stops = [m[2] for m in messages if m[0] == "interrupted"]
@@ -333,18 +375,33 @@ def _spawn(fn: Callable[..., Any], processes: int, device: str, args: tuple) -> 
     if any(codes.values()):
         raise LaunchError(f"local processes exited abnormally: {codes} (negative = killed by "
                           "that signal); see logs/train/rank*.log")
-    ok = [m[2] for m in messages if m[0] == "ok"]
-    return ok[0] if ok else None
+    ok = {m[1]: pickle.loads(m[2]) for m in messages if m[0] == "ok"}
+    return [ok.get(r) for r in range(processes)]
 
 
-def _wait_all(procs: list) -> None:
-    """Wait for every process; once one fails, give the rest a grace period, then kill them."""
+def _wait_all(procs: list, results: Any, messages: list, timeout: float | None,
+              grace: float) -> None:
+    """Wait for every process while collecting their messages (a full pipe would otherwise
+    block a finishing rank); once one fails, give the rest ``grace`` seconds, then kill them."""
     pending = {p.sentinel: p for p in procs}
+    reader = results._reader
     deadline = None
+    limit = None if timeout is None else _now() + timeout
     while pending:
-        timeout = None if deadline is None else max(0.0, deadline - _now())
-        ready = mp.connection.wait(list(pending), timeout=timeout)
-        if not ready:  # grace period over: the survivors are stuck in a collective
+        ends = [t for t in (deadline, limit) if t is not None]
+        wait = None if not ends else max(0.0, min(ends) - _now())
+        ready = mp.connection.wait([*pending, reader], timeout=wait)
+        if reader in ready:
+            while not results.empty():
+                messages.append(results.get())
+            continue
+        if not ready:
+            if limit is not None and _now() >= limit:
+                for p in pending.values():
+                    p.kill()
+                raise TimeoutError(f"local processes did not finish within {timeout:.0f} s; "
+                                   f"still running: {sorted(p.name for p in pending.values())}")
+            # grace period over: the survivors are stuck in a collective
             for p in pending.values():
                 p.kill()
             deadline = _now() + 3600  # wait for the kills to land
@@ -353,7 +410,7 @@ def _wait_all(procs: list) -> None:
             p = pending.pop(sentinel)
             p.join()
             if p.exitcode not in (0, EXIT_REQUEUE) and deadline is None:
-                deadline = _now() + FAILURE_GRACE_S
+                deadline = _now() + grace
 
 
 def _now() -> float:

@@ -17,9 +17,10 @@ gradient of the full-batch mean.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -29,19 +30,23 @@ __all__ = [
     "apply_ddp",
     "apply_fsdp",
     "dp_unreduced_parameters",
-    "is_data_parallel_wrapped",
     "unwrap",
 ]
 
 
 def apply_fsdp(
-    model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """``fully_shard`` every ``Block`` and then ``model`` itself over ``dp_mesh``, in place.
 
     ``dp_mesh`` 1-D gives FSDP, 2-D ``(replicate, shard)`` gives HSDP. ``reshard_after_forward``
     frees each block's gathered parameters after its forward (re-gathered in backward): less
-    memory for one more all-gather. Returns ``model`` (now also an ``FSDPModule``).
+    memory for one more all-gather. ``param_dtype`` (bf16 training) sets FSDP2's
+    ``MixedPrecisionPolicy``: all-gather and compute in it, reduce gradients in float32.
+    Returns ``model`` (now also an ``FSDPModule``).
     """
     if dp_mesh.ndim not in (1, 2):
         raise ValueError(
@@ -52,16 +57,20 @@ def apply_fsdp(
     # FSDP2 cannot shard 0-d parameters (Reslim.pos_scale); they stay plain and replicated, and
     # reduce_gradients averages their gradients over the data-parallel ranks.
     scalars = {p for p in model.parameters() if p.ndim == 0}
+    policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+              if param_dtype is not None else MixedPrecisionPolicy())
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         fully_shard(
             block,
             mesh=dp_mesh,
             reshard_after_forward=reshard_after_forward,
+            mp_policy=policy,
             ignored_params={p for p in block.parameters() if p in scalars},
         )
     # The root is needed first in backward, so keeping it gathered saves an all-gather.
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=scalars)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=policy,
+                ignored_params=scalars)
     model._fsdp_unreduced_params = list(scalars)
     return model
 
@@ -101,7 +110,3 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (FSDP2 shards in place, so it needs no unwrapping)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
-
-def is_data_parallel_wrapped(model: nn.Module) -> bool:
-    """True when DDP or FSDP2 already averages this model's gradients over data parallel."""
-    return isinstance(model, (DistributedDataParallel, FSDPModule))

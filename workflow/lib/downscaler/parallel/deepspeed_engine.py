@@ -119,6 +119,14 @@ def deepspeed_config(section: dict[str, Any], *, world_size: int = 1) -> dict[st
         "steps_per_print": 10**9,  # the project logs its own metrics
         "wall_clock_breakdown": False,
     }
+    if stage == 3 and not on_gpu:
+        # ZeRO-3's coalesced all-gather (persistent parameters after every step, and
+        # GatheredParameters) launches one async all_gather per parameter and waits only for the
+        # last ("wait ensures the operation is enqueued"): on a GPU the NCCL stream orders them,
+        # but gloo runs them on its own threads, so on a busy machine a parameter could be read
+        # from an uninitialised buffer (seen: 1e31 in residual.conv_out.weight after a resume).
+        # The sequential gather waits for each one.
+        ds["zero_optimization"]["stage3_allgather_sequential"] = True
     if cfg["grad_clip"] > 0:
         ds["gradient_clipping"] = float(cfg["grad_clip"])
     return ds
@@ -136,7 +144,7 @@ def build_deepspeed_engine(model: nn.Module, config: dict[str, Any]) -> Any:
     if not dist.is_initialized():
         raise RuntimeError(
             "build_deepspeed_engine needs torch.distributed initialised first; start the run "
-            "through the launcher (downscaler.parallel.launch) or call init_process_group"
+            "through the launcher (downscaler.launcher) or call init_process_group"
         )
     ds_config = deepspeed_config(config, world_size=dist.get_world_size())
     engine, _, _, _ = deepspeed.initialize(

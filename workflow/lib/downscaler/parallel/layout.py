@@ -16,7 +16,16 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..model.reslim import ReslimConfig
 
-__all__ = ["DCHAG_MODES", "MESH_DIMS", "Layout", "LayoutError", "build_mesh"]
+__all__ = [
+    "DCHAG_MODES",
+    "MESH_DIMS",
+    "Layout",
+    "LayoutError",
+    "build_mesh",
+    "check_config",
+    "check_parallel_config",
+    "resolve_sizes",
+]
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "tp")
 DCHAG_MODES = ("linear", "cross")
@@ -153,7 +162,7 @@ def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
     if not dist.is_initialized():
         raise RuntimeError(
             "build_mesh needs torch.distributed initialised (dist.init_process_group, or "
-            "downscaler.parallel.launch.spawn for local processes)"
+            "downscaler.launcher.spawn for local processes)"
         )
     if dist.get_world_size() != layout.world_size:
         raise LayoutError(
@@ -166,3 +175,87 @@ def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
         )
     shape = tuple(getattr(layout, name) for name in MESH_DIMS)
     return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+
+
+def resolve_sizes(par: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The layout sizes of a ``parallel`` config section with ``dp_replicate: 0`` (auto) filled
+    from the world size."""
+    sizes = {k: par[k] for k in ("dp_replicate", "dp_shard", "tp", "sp")}
+    rest = sizes["dp_shard"] * sizes["tp"] * sizes["sp"]
+    if sizes["dp_replicate"] == 0:
+        if world_size % rest:
+            raise LayoutError(_message([
+                f"parallel.dp_shard*tp*sp = {rest} does not divide the {world_size} processes; "
+                f"{_nearest_hint(par, world_size)}"]))
+        sizes["dp_replicate"] = world_size // rest
+    return {**sizes, "dchag": par["dchag"]}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _nearest(value: int, allowed: list[int]) -> int:
+    """The allowed value closest to ``value`` (the smaller one on a tie)."""
+    return min(allowed, key=lambda a: (abs(a - value), a))
+
+
+def _nearest_hint(par: dict[str, Any], world: int, cfg: Any = None) -> str:
+    """A concrete valid choice near the requested one: tp first, then sp, then dp_shard."""
+    heads = getattr(cfg, "num_heads", None)
+    choice: dict[str, int] = {}
+    left = world
+    for key in ("tp", "sp", "dp_shard"):
+        allowed = [d for d in _divisors(left)
+                   if heads is None or key == "dp_shard"
+                   or heads % (d * choice.get("tp", 1)) == 0]
+        choice[key] = _nearest(par[key], allowed)
+        left //= choice[key]
+    text = ", ".join(f"{k}: {v}" for k, v in choice.items())
+    return (f"the nearest valid choice for {world} processes is {text} "
+            "(dp_replicate: 0 fills the rest)")
+
+
+def check_parallel_config(par: dict[str, Any], cfg: Any) -> None:
+    """Validate the ``parallel`` config section at config time, before anything runs.
+
+    ``cfg`` has the model's ``num_heads``, ``embed_dim``, ``mlp_ratio``, ``in_vars`` and
+    ``static_vars``. A local multi-process run (``processes > 1``) must fit the layout exactly;
+    under srun the task count decides, so with ``processes: 1`` only the model checks run (the
+    world size is checked again when the ranks start). Raises ``LayoutError`` with one message
+    that lists every problem and the nearest valid choice.
+    """
+    if par["engine"] == "deepspeed":
+        if any(par[k] != 1 for k in ("dp_shard", "tp", "sp")) or par["dchag"]:
+            raise LayoutError(_message([
+                "parallel.engine is 'deepspeed', which shards with ZeRO (parallel.zero_stage) over "
+                "plain data parallelism; set parallel.dp_shard, tp and sp to 1 and dchag: null, "
+                "or use engine: torch for FSDP/TP/SP/D-CHAG layouts"]))
+        return
+    world = par["processes"]
+    if world <= 1:  # srun decides: check the model against the layout as given
+        world = par["dp_shard"] * par["tp"] * par["sp"] * max(1, par["dp_replicate"])
+    layout = Layout.from_config(resolve_sizes(par, world))
+    try:
+        layout.validate(world, cfg)
+    except LayoutError as err:
+        raise LayoutError(f"{err}\n  {_nearest_hint(par, world, cfg)}") from None
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """``check_parallel_config`` on a whole validated config (``config.validate_config`` calls
+    it); raises ``ConfigError`` naming ``parallel``."""
+    from types import SimpleNamespace
+
+    from ..config import ConfigError
+    from ..model.presets import PRESETS
+
+    model = {**PRESETS[config["model"]["preset"]], **config["model"]}
+    cfg = SimpleNamespace(num_heads=model["num_heads"], embed_dim=model["embed_dim"],
+                          mlp_ratio=model.get("mlp_ratio", 4.0),
+                          in_vars=list(config["variables"]),
+                          static_vars=list(config["statics"]))
+    try:
+        check_parallel_config(config["parallel"], cfg)
+    except LayoutError as err:
+        raise ConfigError(f"config key parallel: {err}") from None

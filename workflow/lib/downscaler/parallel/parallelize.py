@@ -56,18 +56,30 @@ def _check_mesh(layout: Layout, mesh: DeviceMesh) -> None:
 
 
 def parallelize(
-    model: Reslim, layout: Layout, mesh: DeviceMesh, activation_checkpointing: bool = False
+    model: Reslim,
+    layout: Layout,
+    mesh: DeviceMesh | None,
+    activation_checkpointing: bool = False,
+    param_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Apply ``layout`` to ``model`` (modified in place) and return the module to train.
 
     The returned module is ``model`` itself, or a DDP wrapper around it when only
     ``dp_replicate > 1`` and the parameters are plain tensors (use ``data_parallel.unwrap``
     to reach ``cfg`` / ``state_dict`` names without the ``module.`` prefix). Every rank must
-    build ``model`` identically (same seed) before calling this.
+    build ``model`` identically (same seed) before calling this. ``param_dtype`` (e.g. bf16)
+    is FSDP2's mixed-precision policy: parameters all-gathered and computed in it, gradients
+    reduce-scattered in float32 (halves the communication of bf16 training). One process
+    (``mesh`` None, an all-ones layout) gets activation checkpointing only, so every run goes
+    through this one function.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "cfg"):
         raise TypeError(f"model must be a Reslim (with .cfg), got {type(model).__name__}")
-    layout.validate(mesh.size(), model.cfg)
+    layout.validate(1 if mesh is None else mesh.size(), model.cfg)
+    if mesh is None:
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        return model
     _check_mesh(layout, mesh)
     if layout.dchag is not None:
         # Lazy: D-CHAG is optional and lives in its own module.
@@ -85,7 +97,7 @@ def parallelize(
         # HSDP when replicas exist; with dp_shard == 1 that is pure replication (DDP-equivalent)
         # for DTensor parameters, which torch's DDP cannot wrap.
         dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
-        return apply_fsdp(model, dp_mesh)
+        return apply_fsdp(model, dp_mesh, param_dtype=param_dtype)
     if layout.dp_replicate > 1:
         return apply_ddp(model, mesh["dp_replicate"])
     return model

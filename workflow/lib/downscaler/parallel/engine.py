@@ -1,0 +1,206 @@
+"""The training engine: the model as trained, its optimizer, one step, and its saved state.
+
+One interface, two implementations (torchtitan's split between the model transforms and the
+loop): ``TorchEngine`` (one process, or DDP / FSDP2 / HSDP / TP / SP / D-CHAG through
+``parallelize``) and ``DeepSpeedEngine`` (ZeRO 0-3). The loop in ``downscaler.train`` only calls
+
+- ``build_engine(model, train, parallel, device, world)``
+- ``engine.step(loss)``: backward, gradient reductions, clipping, optimizer step;
+- ``engine.save(state_dir, meta, rank_state)`` / ``engine.load(path)``: the resumable state;
+- ``engine.full_state()``: the consolidated single-process weights (collective);
+- ``engine.scheduler(factor)``: the learning-rate schedule over the engine's optimizer;
+- ``model``, ``dp_rank``, ``dp_size``, ``kind``, ``autocast_dtype``, ``dchag``.
+
+D-CHAG is a model transform applied in ``parallelize``; the engine only needs to know which
+parameters hold different values per tp rank, for the gradient norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..train_config import ParallelConfig, TrainConfig
+from . import train_state as ckpt
+from .clip import clip_grad_norm_
+from .dchag import is_tp_distinct
+from .layout import Layout, build_mesh, resolve_sizes
+from .parallelize import parallelize, reduce_gradients
+
+__all__ = ["DeepSpeedEngine", "TorchEngine", "build_engine", "autocast_dtype"]
+
+
+def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 where asked (or 'auto' on a GPU that supports it), else None."""
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class TorchEngine:
+    """Plain torch AdamW on the model parallelized by ``downscaler.parallel.parallelize``."""
+
+    kind = "torch"
+
+    def __init__(self, base: nn.Module, train: TrainConfig, par: ParallelConfig,
+                 device: torch.device, world: int) -> None:
+        self.grad_clip = train.grad_clip
+        self.autocast_dtype = autocast_dtype(train.precision, device)
+        self.layout = Layout.from_config(resolve_sizes(par.sizes(), world))
+        self.layout.validate(world, base.cfg)
+        base.to(device)
+        self.mesh = None
+        self.model: nn.Module = base
+        self.tp_group = None
+        self.dp_rank, self.dp_size = 0, 1
+        if world > 1:
+            self.mesh = build_mesh(self.layout, device.type)
+            self.dp_size = self.layout.dp
+            self.dp_rank = (self.mesh["dp_replicate"].get_local_rank() * self.layout.dp_shard
+                            + self.mesh["dp_shard"].get_local_rank())
+            if self.layout.dchag is not None:
+                self.tp_group = self.mesh["tp"].get_group()
+        self.model = parallelize(base, self.layout, self.mesh,
+                                 activation_checkpointing=par.activation_checkpointing,
+                                 param_dtype=self.autocast_dtype)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr,
+                                           betas=train.betas, weight_decay=train.weight_decay)
+        self.dchag = ckpt.dchag_metadata(self.model)
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Backward, the reductions DDP/FSDP2 leave, clipping, the optimizer step; returns the
+        gradient norm when clipping is on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.mesh is not None:
+            reduce_gradients(self.model, self.layout, self.mesh)
+        norm = None
+        if self.grad_clip > 0:
+            norm = clip_grad_norm_(self.model, self.grad_clip, self.tp_group,
+                                   is_tp_distinct if self.tp_group is not None else None)
+        self.optimizer.step()
+        return norm
+
+    def scheduler(self, factor: Callable[[int], float]) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def save(self, state_dir: Path, meta: dict, rank_state: dict) -> Path:
+        return ckpt.save_train_state(state_dir, self.model, self.optimizer, meta, rank_state)
+
+    def load(self, path: Path) -> tuple[dict, dict | None]:
+        return ckpt.load_train_state(path, self.model, self.optimizer)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Consolidated single-process weights on rank 0 (empty elsewhere); collective."""
+        return ckpt.full_model_state(self.model)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage ``parallel.zero_stage``) over plain data parallelism; it clips
+    (``gradient_clipping``) and casts (its bf16 section) itself."""
+
+    kind = "deepspeed"
+
+    def __init__(self, base: nn.Module, train: TrainConfig, par: ParallelConfig,
+                 device: torch.device, world: int) -> None:
+        # the layout (plain data parallelism only) was checked with the config
+        # (parallel.layout.check_parallel_config)
+        try:
+            from .deepspeed_engine import build_deepspeed_engine
+        except ImportError as err:
+            raise ImportError(
+                f"config key parallel.engine is 'deepspeed' but it cannot be loaded ({err}); "
+                "pip install deepspeed, or set parallel.engine: torch") from err
+        bf16 = autocast_dtype(train.precision, device) is not None
+        section = {"zero_stage": par.zero_stage, "lr": train.lr,
+                   "weight_decay": train.weight_decay, "betas": list(train.betas),
+                   "grad_clip": train.grad_clip, "bf16": bf16,
+                   "micro_batch_size": train.batch_size // world}
+        self.autocast_dtype = None  # DeepSpeed casts the model itself
+        self.base_lr = train.lr
+        self.ds_engine = build_deepspeed_engine(base, section)
+        self.model = self.ds_engine
+        self.optimizer = self.ds_engine.optimizer
+        self.dp_rank, self.dp_size = dist.get_rank(), world
+        self.dchag = None
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Backward and step (DeepSpeed clips inside); returns its gradient norm if it has one."""
+        self.ds_engine.backward(loss)
+        self.ds_engine.step()
+        norm = self.ds_engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(float(norm))
+
+    def scheduler(self, factor: Callable[[int], float]) -> Any:
+        return _ManualLR(self.optimizer, self.base_lr, factor)
+
+    def save(self, state_dir: Path, meta: dict, rank_state: dict) -> Path:
+        from .deepspeed_engine import save_checkpoint
+
+        return ckpt.save_train_state(
+            state_dir, self.model, self.optimizer, meta, rank_state,
+            engine_save=lambda path: save_checkpoint(self.ds_engine, str(path)))
+
+    def load(self, path: Path) -> tuple[dict, dict | None]:
+        from .deepspeed_engine import load_checkpoint
+
+        return ckpt.load_train_state(
+            path, self.model, self.optimizer,
+            engine_load=lambda p: load_checkpoint(self.ds_engine, str(p)))
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Full weights on rank 0 (ZeRO-3 parameters gathered first); collective."""
+        from .deepspeed_engine import full_state_dict
+
+        state = full_state_dict(self.ds_engine)
+        return state if dist.get_rank() == 0 else {}
+
+
+class _ManualLR:
+    """Warm-up + cosine set on the param groups directly (DeepSpeed's optimizer wrappers are not
+    torch Optimizers, so LambdaLR cannot drive them); same interface as LambdaLR here."""
+
+    def __init__(self, optimizer: Any, base_lr: float, factor: Callable[[int], float]) -> None:
+        self.optimizer, self.base_lr, self.factor, self.last_epoch = optimizer, base_lr, factor, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * self.factor(self.last_epoch)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [self.base_lr * self.factor(self.last_epoch)]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = state["last_epoch"]
+        self._apply()
+
+
+def build_engine(base: nn.Module, train: TrainConfig, par: ParallelConfig,
+                 device: torch.device, world: int) -> TorchEngine | DeepSpeedEngine:
+    """The engine ``parallel.engine`` names, around the freshly built (identical on every rank)
+    model ``base``."""
+    if par.dchag and world == 1:
+        raise ValueError(
+            f"config key parallel.dchag={par.dchag!r} splits the channels over the "
+            "tensor-parallel group and needs parallel.tp >= 2 processes; set parallel.tp "
+            "and parallel.processes (or the srun task count), or set parallel.dchag: null")
+    engines = {"torch": TorchEngine, "deepspeed": DeepSpeedEngine}
+    if par.engine not in engines:
+        raise ValueError(f"config key parallel.engine: {par.engine!r} is not 'torch' or "
+                         "'deepspeed'")
+    return engines[par.engine](base, train, par, device, world)

@@ -334,9 +334,6 @@ def test_own_data_stages_with_no_or_computed_statics(tmp_path, statics):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs train.py and infer.py to take the model inputs "
-                   "from the tiles' `inputs` attribute and the checkpoint's in_vars, and the seam "
-                   "rule to accept a single tile (see notes/data.md); remove this mark then")
 def test_own_inputs_and_targets_end_to_end(tmp_path):
     files = write_own_data(tmp_path / "data")
     workdir = tmp_path / "run"

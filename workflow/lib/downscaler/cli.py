@@ -15,8 +15,9 @@ import sys
 
 import xarray as xr
 
+from downscaler.config import stage_names
 from downscaler.io import read_json, write_netcdf
-from downscaler.variables import calendar_names, short_names
+from downscaler.variables import calendar_names
 
 
 def source(args, config: dict) -> None:
@@ -46,14 +47,6 @@ def prepare_input(args, config: dict) -> None:
                                              calendar_names(config["frequency"]), ds)])
     ds.attrs.update(source=f"inference input {args.name!r}: {json.dumps(spec, sort_keys=True)}")
     write_netcdf(ds, args.out)
-
-
-def stage_names(config: dict) -> dict[str, list[str]]:
-    """Short names of the model inputs (calendar features included), targets and statics."""
-    calendar = calendar_names(config["frequency"]) if config["inputs"]["calendar"] else []
-    return {"inputs": short_names(config["inputs"]["variables"]) + calendar,
-            "targets": short_names(config["targets"]["variables"]),
-            "statics": short_names(config["statics"]), "calendar": calendar}
 
 
 def pairs(args, config: dict) -> None:

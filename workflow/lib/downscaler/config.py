@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from downscaler.variables import variable
+from downscaler.variables import calendar_names, short_names, variable
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
@@ -46,7 +46,24 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     _check_semantics(config)
     _check_weights(config, given_weights)
     _derive(config)
+    _check_layout(config)
     return config
+
+
+def stage_names(config: dict) -> dict[str, list[str]]:
+    """Short names of the model inputs (calendar features included), targets and statics."""
+    calendar = calendar_names(config["frequency"]) if config["inputs"]["calendar"] else []
+    return {"inputs": short_names(config["inputs"]["variables"]) + calendar,
+            "targets": short_names(config["targets"]["variables"]),
+            "statics": short_names(config["statics"]), "calendar": calendar}
+
+
+def _check_layout(config: dict) -> None:
+    """The parallel layout against the process count and the model (one message, at config
+    time); imported here because the layout module needs ConfigError from this one."""
+    from downscaler.parallel.layout import check_config
+
+    check_config(config)
 
 
 # Flat keys of the single-dataset configuration, replaced by the `targets` / `inputs` blocks.
@@ -181,7 +198,6 @@ def _check_semantics(config: dict) -> None:
             raise ConfigError(f"config key split: {a} and {b} overlap; splits must be disjoint")
     _check_sources(config)
     _check_grid(config)
-    __import__("downscaler.parallel.layout", fromlist=["check_config"]).check_config(config)
 
 
 def _check_variables(config: dict) -> None:

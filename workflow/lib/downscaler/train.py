@@ -215,7 +215,9 @@ class _Loop:
 
         torch.manual_seed(self.seed)  # every rank builds identical initial weights
         overrides = {k: v for k, v in config["model"].items() if k != "preset"}
-        base = build_model(config["model"]["preset"], self.variables, self.variables,
+        # inputs may differ from the targets (other datasets, pressure levels, calendar)
+        inputs = attrs.get("inputs", self.variables)
+        base = build_model(config["model"]["preset"], inputs, self.variables,
                            self.statics, mag=attrs["factor"], **overrides)
         self.model_config = dataclasses.asdict(base.cfg)
         # batches are cast to the weights' dtype (float64 models for exact parity tests)

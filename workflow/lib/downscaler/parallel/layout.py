@@ -247,13 +247,13 @@ def check_config(config: dict[str, Any]) -> None:
     it); raises ``ConfigError`` naming ``parallel``."""
     from types import SimpleNamespace
 
-    from ..config import ConfigError
+    from ..config import ConfigError, stage_names
     from ..model.presets import PRESETS
 
     model = {**PRESETS[config["model"]["preset"]], **config["model"]}
     cfg = SimpleNamespace(num_heads=model["num_heads"], embed_dim=model["embed_dim"],
                           mlp_ratio=model.get("mlp_ratio", 4.0),
-                          in_vars=list(config["variables"]),
+                          in_vars=stage_names(config)["inputs"],
                           static_vars=list(config["statics"]))
     try:
         check_parallel_config(config["parallel"], cfg)

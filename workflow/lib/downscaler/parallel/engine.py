@@ -63,8 +63,7 @@ class TorchEngine:
         if world > 1:
             self.mesh = build_mesh(self.layout, device.type)
             self.dp_size = self.layout.dp
-            self.dp_rank = (self.mesh["dp_replicate"].get_local_rank() * self.layout.dp_shard
-                            + self.mesh["dp_shard"].get_local_rank())
+            self.dp_rank = self.layout.dp_rank(self.mesh)
             if self.layout.dchag is not None:
                 self.tp_group = self.mesh["tp"].get_group()
         self.model = parallelize(base, self.layout, self.mesh,

@@ -230,7 +230,10 @@ def test_local_test_profile_differs_only_in_site_values():
         assert train["mpi"].startswith("'srun --ntasks-per-node=")
         assert f"--ntasks-per-node={train['tasks_per_node']} " in train["mpi"]
         assert re.search(r"--signal=USR1@\d+", train["slurm_extra"])
-        assert train["runtime"] * 60 > int(re.search(r"USR1@(\d+)", train["slurm_extra"])[1])
+        warning = int(re.search(r"USR1@(\d+)", train["slurm_extra"])[1])
+        # Slurm checks time limits periodically and may send the warning up to a minute early,
+        # or not at all if the limit comes first: at least 60 s, well inside the walltime
+        assert 60 <= warning < train["runtime"] * 60 / 2
 
 
 def _load_check_rocm():

@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 # The workflow through a real one-node Slurm started (and stopped) by the tests themselves:
-# root on Debian/Ubuntu, installs slurm-wlm and munge with apt-get when missing; ~12 minutes.
+# root on Debian/Ubuntu, installs slurm-wlm and munge with apt-get when missing; ~13 minutes.
 # Run it before every change to frontier/ or tests/slurm/profile/.
 test-slurm: $(STAMP)
 	DOWNSCALER_SLURM_TESTS=1 PATH="$(CURDIR)/$(BIN):$$PATH" \

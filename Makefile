@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
-# The workflow through a real one-node Slurm started (and stopped) by the tests themselves:
+# The workflow through a real (two emulated nodes) Slurm started and stopped by the tests:
 # root on Debian/Ubuntu, installs slurm-wlm and munge with apt-get when missing; ~13 minutes.
 # Run it before every change to frontier/ or tests/slurm/profile/.
 test-slurm: $(STAMP)

@@ -105,11 +105,13 @@ def _parity_rank(rank: int, world: int, port: int, device_type: str, table: dict
             dist.destroy_process_group()
 
 
-def parity_rows(device_type: str, gpus: int) -> list[dict]:
+def parity_rows(device_type: str, gpus: int, only: list[str] | None = None) -> list[dict]:
     from downscaler.parallel.launch import free_port
 
     world = 4 if gpus >= 4 else 2 if gpus >= 2 else 1
     table = WS4 if world == 4 else WS2 if world == 2 else {"single": ({}, False)}
+    if only:
+        table = {name: case for name, case in table.items() if name in only}
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="coarse input size for MFU/bf16")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--matmul-n", type=int, default=8192)
+    parser.add_argument("--layouts", nargs="+", help="only these parity cases (default: all "
+                        f"of {sorted(WS2)} on 2-3 GPUs, {sorted(WS4)} on 4+)")
     args = parser.parse_args(argv)
     if args.device == "auto" and not torch.cuda.is_available():
         print(f"gpu-check: no CUDA or ROCm GPU visible to torch {torch.__version__} "
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count() if device.type == "cuda" else 2
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     runtime = f"hip {torch.version.hip}" if torch.version.hip else f"cuda {torch.version.cuda}"
-    rows = parity_rows(device.type, gpus)
+    rows = parity_rows(device.type, gpus, args.layouts)
     rows.append(bf16_sdpa_row(device, args.presets[0], args.size, args.batch))
     rows += mfu_rows(device, args.presets, args.size, args.batch, args.matmul_n)
     print_table(rows, ["check", "setting", "result", "status"],

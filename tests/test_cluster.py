@@ -34,3 +34,24 @@ def test_snakemake_command_gets_the_scheduler_address_merged_into_regrid():
 def test_bad_worker_counts_are_refused():
     with pytest.raises(ValueError, match="--workers"):
         WorkerJobs(workers=0).check()
+
+
+def test_srun_over_every_node_of_the_job():
+    from downscaler.srun import SrunError, srun_command
+
+    args = ["--ntasks-per-node=8", "--cpus-per-task=7", "python", "-m", "x", "-N", "3"]
+    shown = []
+
+    def show_job(job_id):
+        shown.append(job_id)
+        return "JobId=77 JobName=x\n   NumNodes=2 NumCPUs=112 NumTasks=16 CPUs/Task=7\n"
+
+    # the jobstep left only SLURM_JOB_ID: the count comes from slurmctld
+    assert srun_command(args, {"SLURM_JOB_ID": "77"}, show_job) == ["srun", "--nodes=2", *args]
+    assert shown == ["77"]
+    assert srun_command(args, {"SLURM_JOB_NUM_NODES": "4"}, show_job)[1] == "--nodes=4"
+    assert srun_command(["-N2", "cmd"], {}, show_job) == ["srun", "-N2", "cmd"]
+    with pytest.raises(SrunError, match="inside a Slurm job"):
+        srun_command(args, {}, show_job)
+    with pytest.raises(SrunError, match="no NumNodes"):
+        srun_command(args, {"SLURM_JOB_ID": "77"}, lambda job_id: "JobState=RUNNING")

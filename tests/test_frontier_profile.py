@@ -19,7 +19,8 @@ import pytest
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-SRUN = "srun --ntasks-per-node=8 --cpus-per-task=7 --gpus-per-task=1 --gpu-bind=closest"
+SRUN_OPTIONS = "--ntasks-per-node=8 --cpus-per-task=7 --gpus-per-task=1 --gpu-bind=closest"
+LAUNCH = f"python -m downscaler.srun {SRUN_OPTIONS}"  # the train rule's `mpi` resource
 
 pytest.importorskip("snakemake_executor_plugin_slurm",
                     reason="needs snakemake-executor-plugin-slurm (pip install it)")
@@ -67,7 +68,7 @@ def test_dry_run_plans_whole_workflow_with_multinode_training(dry_run):
     assert "slurm_partition=batch" in train
     assert "nodes=2" in train and "tasks_per_node=8" in train and "cpus_per_task=7" in train
     assert "--gpus-per-task=1 --gpu-bind=closest --signal=USR1@300" in train
-    assert f"{SRUN} python -m downscaler.cli train" in train
+    assert f"{LAUNCH} python -m downscaler.cli train" in train
     for rule in ("source", "pairs", "tiles", "infer_test", "evaluate"):
         assert f"rule {rule}:" in dry_run
 
@@ -125,7 +126,7 @@ def test_submitted_training_job(tmp_path, pytestconfig):
     assert "--target-jobs 'train:'" in submitted and "slurm-jobstep" in submitted
     resources = [base64.b64decode(token.removeprefix("base64//")).decode()
                  for token in re.findall(r"base64//[A-Za-z0-9+/=]+", submitted)]
-    assert f"train:mpi='{SRUN}'" in resources, resources
+    assert f"train:mpi='{LAUNCH}'" in resources, resources
 
 
 def submission(tmp_path: Path, target: str, inputs: list[str]) -> tuple[str, str]:
@@ -153,6 +154,16 @@ def test_submitted_inference_job_asks_for_one_gpu(tmp_path):
                      "--gpus=1", "--comment rule_infer_test"):
         assert expected in call, (expected, call)
     for refused in ("--mem", "--ntasks", "--gpus-per-task", "-C "):
+        assert refused not in call, (refused, call)
+
+
+def test_submitted_cpu_job_is_one_task(tmp_path):
+    call, _ = submission(tmp_path, "results/pairs/coarse.nc",
+                         ["results/raw/fields.nc", "results/raw/static.nc"])
+    for expected in ("-A cli999", "-p batch", "-t 30", "--nodes=1", "--ntasks=1",
+                     "--cpus-per-task=7", "--comment rule_pairs"):
+        assert expected in call, (expected, call)
+    for refused in ("--mem", "--gpus", "-C "):
         assert refused not in call, (refused, call)
 
 
@@ -194,15 +205,20 @@ def test_srun_lines_inside_the_jobs(dry_run):
     pairs = evaluated_resources(rule_block(dry_run, "pairs"))
     assert jobstep_srun(pairs, sbatch_gave_gpus=False) == (
         "srun -n1 --cpu-bind=q --cpus-per-task=7 --nodes=1")
-    # training: the jobstep runs the rule's command itself, which starts with the mpi srun line
+    # training: the jobstep runs the rule's command itself, which starts with the mpi launcher
     train_block = rule_block(dry_run, "train")
     train = evaluated_resources(train_block)
     shell = train_block[train_block.index("Shell command: ") + len("Shell command: "):]
-    command = shell.split(" python ")[0]
-    assert command == train["mpi"] == SRUN
-    # no node or task count on that srun: inside the allocation it spans all the job's nodes,
-    # with --ntasks-per-node=8 each: nodes x 8 ranks (the sbatch line asks for exactly that)
-    assert not re.search(r"(^|\s)(-N|-n|--nodes|--ntasks)[=\s]", command)
+    assert shell.startswith(f"{train['mpi']} python -m downscaler.cli train") and (
+        train["mpi"] == LAUNCH)
+    # ... and downscaler.srun runs srun over the job's nodes (slurmctld's NumNodes, since the
+    # jobstep removed SLURM_NNODES): nodes x 8 ranks, the allocation sbatch asked for
+    from downscaler.srun import srun_command
+
+    args = shell.split()[3:]  # after `python -m downscaler.srun`
+    srun = srun_command(args, {"SLURM_JOB_ID": "42"},
+                        lambda job: f"JobId={job} NumNodes={train['nodes']} NumCPUs=112")
+    assert " ".join(srun).startswith(f"srun --nodes=2 {SRUN_OPTIONS} python -m downscaler.cli")
     assert train["nodes"] * train["tasks_per_node"] == 16 and train["tasks_per_node"] == 8
 
 
@@ -227,7 +243,7 @@ def test_local_test_profile_differs_only_in_site_values():
     # the same launcher shape and the same resume path, with local counts and signal time
     f_train, l_train = frontier["set-resources"]["train"], local["set-resources"]["train"]
     for train in (f_train, l_train):
-        assert train["mpi"].startswith("'srun --ntasks-per-node=")
+        assert train["mpi"].startswith("'python -m downscaler.srun --ntasks-per-node=")
         assert f"--ntasks-per-node={train['tasks_per_node']} " in train["mpi"]
         assert re.search(r"--signal=USR1@\d+", train["slurm_extra"])
         warning = int(re.search(r"USR1@(\d+)", train["slurm_extra"])[1])

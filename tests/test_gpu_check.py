@@ -25,10 +25,9 @@ def test_without_a_gpu_it_says_so_and_exits_0():
 @pytest.mark.slow
 def test_the_same_checks_pass_on_cpu_with_gloo():
     result = run("--device", "cpu", "--presets", "tiny", "--size", "8", "--batch", "2",
-                 "--matmul-n", "128")
+                 "--matmul-n", "128", "--layouts", "ddp", "tp")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    for check in ("parity ddp", "parity fsdp", "parity tp", "parity sp_ulysses",
-                  "parity tp_dchag_linear", "bf16 + SDPA step", "matmul peak", "MFU tiny"):
+    for check in ("parity ddp", "parity tp", "bf16 + SDPA step", "matmul peak", "MFU tiny"):
         row = next(line for line in lines if line.strip().startswith(check))
         assert row.rstrip().endswith("ok"), row

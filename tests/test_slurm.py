@@ -1,7 +1,8 @@
-"""The workflow through a real Slurm: a one-node cluster started on this machine for the tests.
+"""The workflow through a real Slurm: a small cluster started on this machine for the tests.
 
-tests/slurm/start-cluster.sh installs (apt) and starts munge, slurmctld and slurmd; the module
-fixture stops them again (tests/slurm/stop-cluster.sh, by pid). The workflow runs with the
+tests/slurm/start-cluster.sh installs (apt) and starts munge, slurmctld and two emulated nodes
+(one slurmd each, 2 CPUs each, all on this host); the module fixture stops them again
+(tests/slurm/stop-cluster.sh, by pid). The workflow runs with the
 profile tests/slurm/profile, which is the Frontier profile with this machine's site values.
 These tests take about 13 minutes on 2 cores, so they run with `make test-slurm` (which sets
 DOWNSCALER_SLURM_TESTS=1), as root on a Debian/Ubuntu machine; elsewhere they skip and say why.
@@ -49,7 +50,7 @@ BATCH_RULES = ("pairs", "tiles", "train", "infer_test", "evaluate", "tiles_seam_
 
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
-    """A running one-node Slurm cluster for this module; stopped afterwards, whatever happens."""
+    """A running test Slurm cluster for this module; stopped afterwards, whatever happens."""
     if os.environ.get(ENABLE) != "1":
         pytest.skip(f"real-Slurm tests (about 13 min) run with `make test-slurm` ({ENABLE}=1)")
     if os.geteuid() != 0:
@@ -120,6 +121,16 @@ def test_demo_workflow_end_to_end_through_sbatch_and_srun(slurm_cluster, tmp_pat
         text = (work / "logs" / "train" / f"rank{rank}.log").read_text()
         assert f"rank{rank} training" in text and "world 2, cpu" in text, text[:500]
     assert '"world_size": 2' in (work / "logs" / "train.log").read_text()
+
+
+def _derived_profile(tmp_path: Path, **train: object) -> Path:
+    """tests/slurm/profile with some of the train rule's resources changed."""
+    profile = tmp_path / "profile"
+    profile.mkdir(exist_ok=True)
+    settings = yaml.safe_load((PROFILE / "config.v8+.yaml").read_text())
+    settings["set-resources"]["train"].update(train)
+    (profile / "config.v8+.yaml").write_text(yaml.safe_dump(settings))
+    return profile
 
 
 def _prepare_tiles(work: Path, config: dict) -> None:
@@ -204,11 +215,7 @@ def test_signal_before_time_limit_saves_and_exits_75(slurm_cluster, tmp_path):
     config = {**TINY, "train": {**TINY["train"], "epochs": 5000}}  # far longer than 3 min
     work = tmp_path / "limit"
     _prepare_tiles(work, config)
-    profile = tmp_path / "profile"
-    profile.mkdir()
-    settings = yaml.safe_load((PROFILE / "config.v8+.yaml").read_text())
-    settings["set-resources"]["train"].update(runtime=3, slurm_extra="'--signal=USR1@60'")
-    (profile / "config.v8+.yaml").write_text(yaml.safe_dump(settings))
+    profile = _derived_profile(tmp_path, runtime=3, slurm_extra="'--signal=USR1@60'")
     result = snakemake(work, config, "results/model/checkpoint.pt", "--retries", "0",
                        profile=profile)
     assert result.returncode != 0  # no retries left: the stop is reported as the job's error
@@ -218,6 +225,20 @@ def test_signal_before_time_limit_saves_and_exits_75(slurm_cluster, tmp_path):
         explain(result, work))
     assert "stopped by a signal at step" in (work / "logs" / "train.log").read_text()
     assert (work / "results" / "model" / "train_state" / "last").exists()
+
+
+def test_training_spans_every_node_of_a_two_node_job(slurm_cluster, tmp_path):
+    # nodes: 2 with 2 tasks per node must give 4 ranks: the jobstep removed SLURM_NNODES, and
+    # a bare srun would start on one node only (2 ranks); downscaler.srun passes --nodes=2
+    work = tmp_path / "two_nodes"
+    _prepare_tiles(work, TINY)
+    profile = _derived_profile(tmp_path, nodes=2)
+    result = snakemake(work, TINY, "results/model/checkpoint.pt", profile=profile)
+    assert result.returncode == 0, explain(result, work)
+    for rank in range(4):
+        text = (work / "logs" / "train" / f"rank{rank}.log").read_text()
+        assert "world 4, cpu" in text, text[:500]
+    assert '"world_size": 4' in (work / "logs" / "train.log").read_text()
 
 
 def test_failing_job_reports_its_error_and_slurm_log(slurm_cluster, tmp_path):

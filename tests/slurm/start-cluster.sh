@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Start a one-node Slurm cluster on this machine for the tests (tests/test_slurm.py, make
-# test-slurm): munge, slurmctld and slurmd as root, without systemd, everything they write in
-# one state folder. Stop it with tests/slurm/stop-cluster.sh STATE_DIR (it kills only the
-# processes this script started, by pid).
+# Start a small Slurm cluster on this machine for the tests (tests/test_slurm.py, make
+# test-slurm): munge, slurmctld and one slurmd per emulated node (`slurmd -N`), as root, without
+# systemd, everything they write in one state folder. Two nodes of 2 CPUs by default (on this
+# machine's 2 cores), so multi-node job steps are tested too. Stop it with
+# tests/slurm/stop-cluster.sh STATE_DIR (it kills only the processes this script started, by pid).
 #
 #   tests/slurm/start-cluster.sh [STATE_DIR]     # default /tmp/downscaler-slurm
 #
@@ -12,7 +13,8 @@
 set -euo pipefail
 
 STATE_DIR=$(realpath -m "${1:-/tmp/downscaler-slurm}")
-CPUS=${SLURM_TEST_CPUS:-2}
+NODES=${SLURM_TEST_NODES:-2}                  # emulated nodes, all on this host
+CPUS=${SLURM_TEST_CPUS:-2}                    # per node
 MAX_TIME=${SLURM_TEST_MAX_TIME:-60}           # partition time limit, minutes
 PARTITION=${SLURM_TEST_PARTITION:-debug}
 ETC_CONF=/etc/slurm/slurm.conf
@@ -41,6 +43,8 @@ fi
 mkdir -p "$STATE_DIR"/{state,spool,munge}
 : >"$STATE_DIR/started.pids"
 HOST=$(hostname -s)
+NODE_NAMES=("$HOST" localhost)
+[ "$NODES" -ge 1 ] && [ "$NODES" -le 2 ] || cannot "SLURM_TEST_NODES=$NODES: 1 or 2 emulated nodes"
 
 # munge: reuse a running munged (its socket answers); else start one on the package's key.
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -83,36 +87,45 @@ MinJobAge=300
 # seconds between the time-limit SIGTERM and SIGKILL (the training saves in that window too)
 KillWait=30
 SlurmctldPort=6817
-SlurmdPort=6818
 StateSaveLocation=$STATE_DIR/state
-SlurmdSpoolDir=$STATE_DIR/spool
+SlurmdSpoolDir=$STATE_DIR/spool/%n
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
-SlurmdPidFile=$STATE_DIR/slurmd.pid
+SlurmdPidFile=$STATE_DIR/slurmd-%n.pid
 SlurmctldLogFile=$STATE_DIR/slurmctld.log
-SlurmdLogFile=$STATE_DIR/slurmd.log
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=4000 State=UNKNOWN
-PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=$MAX_TIME State=UP
+SlurmdLogFile=$STATE_DIR/slurmd-%n.log
 EOF
+# Emulated nodes: one slurmd each (`slurmd -N NAME`), on its own port, all on this host. Their
+# names must resolve (jobs meet at the first node of their node list): this host's name and
+# localhost.
+for i in $(seq "$NODES"); do
+    echo "NodeName=${NODE_NAMES[$((i - 1))]} NodeHostname=$HOST NodeAddr=127.0.0.1" \
+         "Port=$((6817 + i)) CPUs=$CPUS RealMemory=4000 State=UNKNOWN" >>"$STATE_DIR/slurm.conf"
+done
+echo "PartitionName=$PARTITION Nodes=$(IFS=,; echo "${NODE_NAMES[*]:0:$NODES}") Default=YES" \
+     "MaxTime=$MAX_TIME State=UP" >>"$STATE_DIR/slurm.conf"
 mkdir -p /etc/slurm
 cp "$STATE_DIR/slurm.conf" "$ETC_CONF"
 
 slurmctld -f "$ETC_CONF" -i
 for _ in $(seq 50); do [ -s "$STATE_DIR/slurmctld.pid" ] && break; sleep 0.1; done
 cat "$STATE_DIR/slurmctld.pid" >>"$STATE_DIR/started.pids"
-slurmd -f "$ETC_CONF"
-for _ in $(seq 50); do [ -s "$STATE_DIR/slurmd.pid" ] && break; sleep 0.1; done
-cat "$STATE_DIR/slurmd.pid" >>"$STATE_DIR/started.pids"
+for name in "${NODE_NAMES[@]:0:$NODES}"; do
+    mkdir -p "$STATE_DIR/spool/$name"
+    slurmd -f "$ETC_CONF" -N "$name"
+    for _ in $(seq 50); do [ -s "$STATE_DIR/slurmd-$name.pid" ] && break; sleep 0.1; done
+    cat "$STATE_DIR/slurmd-$name.pid" >>"$STATE_DIR/started.pids"
+done
 
-# Up when the node is idle.
+# Up when every node is idle.
 for _ in $(seq 60); do
-    state=$(sinfo -h -N -o %t 2>/dev/null | head -n 1 || true)
-    if [ "$state" = "idle" ]; then
-        echo "start-cluster.sh: one-node Slurm up ($HOST, $CPUS CPUs, partition $PARTITION," \
-             "MaxTime $MAX_TIME min); stop: tests/slurm/stop-cluster.sh $STATE_DIR" >&2
+    states=$(sinfo -h -N -o %t 2>/dev/null | sort -u | tr '\n' ' ' || true)
+    if [ "$states" = "idle " ] && [ "$(sinfo -h -N -o %N | wc -l)" -eq "$NODES" ]; then
+        echo "start-cluster.sh: Slurm up: $NODES nodes x $CPUS CPUs on $HOST, partition" \
+             "$PARTITION (MaxTime $MAX_TIME min); stop: tests/slurm/stop-cluster.sh $STATE_DIR" >&2
         exit 0
     fi
     sleep 0.5
 done
-echo "start-cluster.sh: the node did not become idle (state '${state:-none}');" \
-     "see $STATE_DIR/slurmctld.log and $STATE_DIR/slurmd.log" >&2
+echo "start-cluster.sh: the nodes did not become idle (states '${states:-none}');" \
+     "see $STATE_DIR/slurmctld.log and $STATE_DIR/slurmd-*.log" >&2
 exit 1

@@ -21,11 +21,13 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 # The workflow through a real (two emulated nodes) Slurm started and stopped by the tests:
-# root on Debian/Ubuntu, installs slurm-wlm and munge with apt-get when missing; ~13 minutes.
-# Run it before every change to frontier/ or tests/slurm/profile/.
+# root on Debian/Ubuntu, installs slurm-wlm and munge with apt-get when missing; ~11 minutes.
+# Run it before every change to frontier/ or tests/slurm/profile/. Its own --basetemp: a
+# concurrent pytest would otherwise prune the running jobs' folders (it keeps the last 3).
 test-slurm: $(STAMP)
 	DOWNSCALER_SLURM_TESTS=1 PATH="$(CURDIR)/$(BIN):$$PATH" \
-		$(BIN)/pytest tests/test_slurm.py tests/test_frontier_profile.py
+		$(BIN)/pytest --basetemp=.pytest_cache/slurm-tmp tests/test_slurm.py \
+		tests/test_frontier_profile.py
 
 # Parity over NCCL/RCCL, a bf16 + flash-SDPA step and MFU on this machine's GPUs, as one table;
 # says so and exits 0 without a GPU.

@@ -4,7 +4,7 @@ tests/slurm/start-cluster.sh installs (apt) and starts munge, slurmctld and two 
 (one slurmd each, 2 CPUs each, all on this host); the module fixture stops them again
 (tests/slurm/stop-cluster.sh, by pid). The workflow runs with the
 profile tests/slurm/profile, which is the Frontier profile with this machine's site values.
-These tests take about 13 minutes on 2 cores, so they run with `make test-slurm` (which sets
+These tests take about 11 minutes on 2 cores, so they run with `make test-slurm` (which sets
 DOWNSCALER_SLURM_TESTS=1), as root on a Debian/Ubuntu machine; elsewhere they skip and say why.
 """
 
@@ -52,7 +52,7 @@ BATCH_RULES = ("pairs", "tiles", "train", "infer_test", "evaluate", "tiles_seam_
 def slurm_cluster(tmp_path_factory):
     """A running test Slurm cluster for this module; stopped afterwards, whatever happens."""
     if os.environ.get(ENABLE) != "1":
-        pytest.skip(f"real-Slurm tests (about 13 min) run with `make test-slurm` ({ENABLE}=1)")
+        pytest.skip(f"real-Slurm tests (about 11 min) run with `make test-slurm` ({ENABLE}=1)")
     if os.geteuid() != 0:
         pytest.skip("a local Slurm cluster needs root (munge keys, slurmd)")
     state = tmp_path_factory.mktemp("slurm")

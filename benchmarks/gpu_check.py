@@ -16,6 +16,9 @@ It prints one table and exits 1 when a check fails. Without a GPU it says so and
 script itself on machines without a GPU).
 
     python benchmarks/gpu_check.py                 # what `make gpu-check` runs
+
+It reuses the cases of tests/test_parallel.py, so it needs the test requirements (pytest):
+`make gpu-check` has them; in the Frontier conda environment `pip install pytest` first.
 """
 
 from __future__ import annotations

@@ -25,14 +25,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
 import sys
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
@@ -88,49 +84,29 @@ def gpu_parity(layout: Layout, device: torch.device, steps: int = 3) -> dict:
     return worst
 
 
-def _parity_rank(rank: int, world: int, port: int, device_type: str, table: dict, out) -> None:
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=300),
-                                **({"device_id": device} if device_type == "cuda" else {}))
-        results = {name: gpu_parity(Layout.from_config(cfg), device)
-                   for name, (cfg, _checkpointing) in table.items()}
-        out.put((rank, results))
-        dist.barrier()
-    except BaseException:
-        out.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _parity_rank(rank: int, world: int, device_type: str, table: dict) -> dict:
+    """Every parity case on this rank (inside the launcher's process group)."""
+    device = (torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda"
+              else torch.device("cpu"))
+    return {name: gpu_parity(Layout.from_config(cfg), device)
+            for name, (cfg, _checkpointing) in table.items()}
 
 
 def parity_rows(device_type: str, gpus: int, only: list[str] | None = None) -> list[dict]:
-    from downscaler.parallel.launch import free_port
+    from downscaler.launcher import LaunchError, spawn
 
     world = 4 if gpus >= 4 else 2 if gpus >= 2 else 1
     table = WS4 if world == 4 else WS2 if world == 2 else {"single": ({}, False)}
     if only:
         table = {name: case for name, case in table.items() if name in only}
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_parity_rank, args=(r, world, port, device_type, table, out))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    per_rank = dict(out.get(timeout=900) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    failed = {r: v for r, v in per_rank.items() if isinstance(v, str)}
-    if failed:
-        rank, tb = next(iter(failed.items()))
+    try:
+        results = spawn(_parity_rank, world, device_type, table, timeout=900,
+                        num_threads=None, device=device_type)
+    except (LaunchError, TimeoutError) as err:
         return [{"check": "parity", "setting": f"{world} ranks, {backend}", "result":
-                 f"rank {rank} failed: {tb.strip().splitlines()[-1]}", "status": "FAIL"}]
+                 f"failed: {str(err).strip().splitlines()[0]}", "status": "FAIL"}]
+    per_rank = dict(enumerate(results))
     rows = []
     for name in table:
         worst = {k: max(per_rank[r][name][k] for r in per_rank) for k in ("out", "grad", "param")}

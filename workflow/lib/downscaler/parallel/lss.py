@@ -25,13 +25,17 @@ from ..model.layers import Attention
 
 __all__ = ["LssAttention", "gather_segments"]
 
+# One-tensor collectives along dim 0 (NCCL-friendly); renamed in torch 2.13.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _all_gather_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
     """Every rank's ``x`` concatenated along ``dim`` in rank order (one collective)."""
     world = dist.get_world_size(group)
     x = x.contiguous()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
@@ -40,7 +44,7 @@ def _reduce_scatter_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
     world = dist.get_world_size(group)
     send = torch.cat(x.chunk(world, dim=dim), dim=0).contiguous()  # chunk j -> rank j
     out = send.new_empty((send.shape[0] // world, *send.shape[1:]))
-    dist.reduce_scatter_tensor(out, send, op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter_single(out, send, op=dist.ReduceOp.SUM, group=group)
     return out
 
 

@@ -119,12 +119,20 @@ def scatter_sequence(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
     """This rank's contiguous chunk of the (replicated) token sequence; clear error if uneven."""
     world = dist.get_world_size(group)
     if x.shape[dim] % world:
-        raise ValueError(
-            f"sequence parallel: {x.shape[dim]} tokens cannot be split over sp={world} ranks; "
-            f"use a tile whose token count (h/patch)*(w/patch) is divisible by {world}, "
-            "or change sp"
-        )
+        raise ValueError(uneven_sequence_message(x.shape[dim], world))
     return _ScatterSequence.apply(x, group, dim)
+
+
+def uneven_sequence_message(tokens: int, sp: int) -> str:
+    """Why ``tokens`` cannot be split over ``sp`` ranks, with the nearest valid choices."""
+    lower, upper = tokens // sp * sp, (tokens // sp + 1) * sp
+    near_tokens = f"{lower} or {upper}" if lower else f"{upper}"
+    divisors = [d for d in range(1, tokens + 1) if tokens % d == 0]
+    best = min(abs(d - sp) for d in divisors)
+    near_sp = " or ".join(str(d) for d in divisors if abs(d - sp) == best)
+    return (f"sequence parallel: {tokens} tokens cannot be split over sp={sp} ranks; use a tile "
+            f"whose token count (h/patch)*(w/patch) is a multiple of {sp} (nearest: "
+            f"{near_tokens} tokens) or an sp that divides {tokens} (nearest: sp={near_sp})")
 
 
 def gather_sequence(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:

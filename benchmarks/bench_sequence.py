@@ -12,9 +12,9 @@ next to each measurement.
 JSON (``benchmarks/results/sequence_scaling.json``), besides ``args``/``machine``/``command``:
 
 - ``rows``: one per (configuration, sequence length) with ``config`` ("sp1", "ulysses_sp2",
-  "lss_sp2"), ``sp_mode``, ``sp``, ``processes``, ``coarse_pixels`` (side of the square coarse
-  tile), ``tokens`` (coarse pixels / patch^2), ``step_time_s`` (median), ``step_time_min_s``,
-  ``peak_bytes_per_rank`` (max over ranks), ``peak_bytes_ranks`` (each rank),
+  "lss_sp2"), ``sp_mode``, ``sp``, ``processes``, ``device``, ``coarse_pixels`` (side of the
+  square coarse tile), ``tokens`` (coarse pixels / patch^2), ``step_time_s`` (median),
+  ``step_time_min_s``, ``peak_bytes_per_rank`` (max over ranks), ``peak_bytes_ranks`` (each rank),
   ``estimate_bytes_per_rank`` (planner), ``fits_cap`` (peak <= ``cap_bytes``);
 - ``largest_tokens_under_cap``: per configuration, the most tokens measured with
   ``peak_bytes_per_rank <= cap_bytes`` (null if none);
@@ -55,8 +55,8 @@ def _model_kwargs(args: dict[str, Any]) -> dict[str, Any]:
 def measure_rank(rank: int, world: int, mode: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     """On this rank: step time and peak tensor bytes at every size in ``args["sizes"]``."""
     layout = Layout(sp=world, sp_mode=mode)
-    mesh = build_mesh(layout, "cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", rank) if args["cuda"] else torch.device("cpu")
+    mesh = build_mesh(layout, device.type)
     out = []
     for size in args["sizes"]:
         torch.manual_seed(0)
@@ -116,8 +116,10 @@ def main() -> None:
     rows, table = [], []
     for name in args.configs:
         sp, mode = CONFIGS[name]
-        ranks = spawn(measure_rank, sp, mode, opts, timeout=600,
-                      device="cuda" if dev.type == "cuda" else "cpu")
+        # one GPU per rank (NCCL), else gloo on the CPU
+        cuda = dev.type == "cuda" and torch.cuda.device_count() >= sp
+        ranks = spawn(measure_rank, sp, mode, {**opts, "cuda": cuda}, timeout=600,
+                      device="cuda" if cuda else "cpu")
         for i, size in enumerate(args.sizes):
             per_rank = [r[i] for r in ranks]
             tokens = tokens_per_tile(size, size, patch)
@@ -126,6 +128,7 @@ def main() -> None:
                                        args.batch)["total"]
             rows.append({
                 "config": name, "sp_mode": mode if sp > 1 else None, "sp": sp, "processes": sp,
+                "device": "cuda" if cuda else "cpu",
                 "coarse_pixels": size, "tokens": tokens,
                 "step_time_s": max(r["median_s"] for r in per_rank),
                 "step_time_min_s": max(r["min_s"] for r in per_rank),

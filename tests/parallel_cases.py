@@ -301,3 +301,31 @@ def pipeline_parity(rank: int, world_size: int, schedule: str, n_micro: int,
 def pipeline_cases(rank: int, world_size: int, cases_: list[tuple[str, int]]) -> list[dict]:
     """``pipeline_parity`` for each ``(schedule, micro-batches)``, in one spawned world."""
     return [pipeline_parity(rank, world_size, s, m) for s, m in cases_]
+
+
+def long_sequence_attention_peak(rank: int, world_size: int, mode: str, tokens: int) -> dict:
+    """Peak tensor bytes (MemTracker) of one sequence-parallel attention forward + backward at
+    ``tokens`` tokens (float32, the dtype the CPU flash kernel serves), and the output's
+    difference from plain attention on the full sequence."""
+    from downscaler.model.layers import Attention
+    from downscaler.parallel.lss import LssAttention
+    from downscaler.parallel.sequence_parallel import UlyssesAttention
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    ref = Attention(32, 4)
+    ref.load_state_dict(attn.state_dict())
+    attn.__class__ = LssAttention if mode == "lss" else UlyssesAttention
+    attn.sp_group = torch.distributed.group.WORLD
+    x = torch.randn(1, tokens, 32, generator=torch.Generator().manual_seed(1))
+    local = x.chunk(world_size, dim=1)[rank].clone().requires_grad_()
+    tracker = MemTracker()
+    tracker.track_external(attn)
+    with tracker:
+        out = attn(local)
+        out.sum().backward()
+    peak = int(sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
+    with torch.no_grad():
+        diff = (out - ref(x).chunk(world_size, dim=1)[rank]).abs().max().item()
+    return {"peak": peak, "diff": diff}

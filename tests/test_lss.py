@@ -74,3 +74,13 @@ def test_lss_keeps_all_heads_so_only_tp_must_divide_them():
         Layout(tp=2, sp=2, sp_mode="lss").validate(4, _cfg(num_heads=3, embed_dim=24))
     with pytest.raises(LayoutError, match="sp_mode must be 'ulysses' or 'lss'"):
         Layout.from_config({"sp": 2, "sp_mode": "ring"})
+
+
+@pytest.mark.parametrize("mode", ["lss", "ulysses"])
+def test_no_score_matrix_at_a_long_sequence(mode):
+    # 8192 tokens over 2 ranks: LSS's scores for its 4096 queries x 8192 keys x 4 heads would be
+    # 512 MiB in float32 (Ulysses': 2 heads x 8192^2, as much); SDPA's kernel never builds them
+    tokens = 8192
+    for res in spawn(cases.long_sequence_attention_peak, 2, mode, tokens, timeout=300):
+        assert res["diff"] < 1e-5, res
+        assert res["peak"] < tokens * tokens * 4 / 16, res  # far below even one L x L matrix

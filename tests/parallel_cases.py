@@ -252,21 +252,29 @@ def sum_of_ranks(rank: int, world_size: int, offset: int) -> float:
 
 
 def pipeline_parity(rank: int, world_size: int, schedule: str, n_micro: int,
-                    steps: int = 3) -> dict:
-    depth = world_size  # one block per stage
+                    steps: int = 3, dp: int = 1) -> dict:
+    depth = world_size // dp  # one block per stage
     """Pipeline over ``world_size`` stages vs one process: loss and the parameters this stage
     owns after ``steps`` AdamW steps (float64)."""
-    from downscaler.parallel.pipeline import make_schedule, pipeline_stage
+    from downscaler.parallel.pipeline import (
+        average_over_data_parallel,
+        make_schedule,
+        pipeline_stage,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
 
+    mesh = init_device_mesh("cpu", (dp, depth), mesh_dim_names=("dp", "pp"))
+    pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
     ref = make_model(depth=depth)
     model = make_model(depth=depth)
     names = {id(p): n for n, p in model.named_parameters()}
-    stage, module = pipeline_stage(model, rank, world_size, torch.device("cpu"))
+    stage, module = pipeline_stage(model, pp_rank, depth, torch.device("cpu"),
+                                   group=mesh["pp"].get_group())
     owned = {names[id(p)]: p for p in module.parameters()}
     pipe = make_schedule(stage, schedule, n_micro, F.mse_loss)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.01)
-    last = rank == world_size - 1
+    last = pp_rank == depth - 1
     out = {"loss": 0.0, "grad": 0.0, "param": 0.0, "owned": sorted(owned)}
     ref_params = dict(ref.named_parameters())
     for step in range(steps):
@@ -278,12 +286,19 @@ def pipeline_parity(rank: int, world_size: int, schedule: str, n_micro: int,
         loss_ref.backward()
         opt_ref.step()
         losses: list = []
-        if rank == 0:
+        local = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
+        x, static, y, res = x[local], static[local], y[local], res[local]
+        if pp_rank == 0:
             pipe.step(x, static, res, target=y if last else None, losses=losses)
         else:
             pipe.step(target=y if last else None, losses=losses)
+        if dp > 1:
+            average_over_data_parallel(module, mesh["dp"].get_group())
         if last:
             loss = torch.stack(losses).mean()  # equal micro-batches: mean of means
+            if dp > 1:
+                torch.distributed.all_reduce(loss, group=mesh["dp"].get_group())
+                loss /= dp
             out["loss"] = max(out["loss"], abs(loss.item() - loss_ref.item()))
         # gradients too: AdamW's update hardly changes if every gradient is scaled alike
         diff = max((p.grad - ref_params[n].grad).abs().max().item() for n, p in owned.items())
@@ -298,9 +313,9 @@ def pipeline_parity(rank: int, world_size: int, schedule: str, n_micro: int,
     return out
 
 
-def pipeline_cases(rank: int, world_size: int, cases_: list[tuple[str, int]]) -> list[dict]:
-    """``pipeline_parity`` for each ``(schedule, micro-batches)``, in one spawned world."""
-    return [pipeline_parity(rank, world_size, s, m) for s, m in cases_]
+def pipeline_cases(rank: int, world_size: int, cases_: list[tuple]) -> list[dict]:
+    """``pipeline_parity`` for each ``(schedule, micro-batches[, dp])``, in one spawned world."""
+    return [pipeline_parity(rank, world_size, s, m, dp=c[0] if c else 1) for s, m, *c in cases_]
 
 
 def long_sequence_attention_peak(rank: int, world_size: int, mode: str, tokens: int) -> dict:

@@ -14,8 +14,8 @@ from downscaler.model.reslim import ReslimConfig
 from downscaler.parallel import Layout, LayoutError, spawn
 
 from tests import parallel_cases as cases
+from tests.test_parallel import _check, _run
 
-TOL = 1e-10
 WS2 = {"lss": ({"sp": 2, "sp_mode": "lss"}, False)}
 WS4 = {
     "lss_x_tp": ({"sp": 2, "tp": 2, "sp_mode": "lss"}, True),
@@ -23,11 +23,6 @@ WS4 = {
     "lss_x_tp_dchag": ({"sp": 2, "tp": 2, "sp_mode": "lss", "dchag": "linear"}, False),
     "lss_4": ({"sp": 4, "sp_mode": "lss"}, False),
 }
-
-
-def _run(world: int, table: dict) -> dict[str, list[dict]]:
-    per_rank = spawn(cases.run_parity, world, list(table.values()), timeout=300)
-    return {name: [r[i] for r in per_rank] for i, name in enumerate(table)}
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +35,15 @@ def lss_ws4() -> dict[str, list[dict]]:
     return _run(4, WS4)
 
 
-def _check(name: str, ranks: list[dict]) -> None:
-    for rank, res in enumerate(ranks):
-        where = f"{name} rank {rank}"
-        assert res["n_grads"] == res["n_params"] > 0, where
-        assert res["moved"] > 1e-4, f"{where}: AdamW did not move the parameters"
-        for key in ("out", "loss", "grad", "param"):
-            assert res[key] < TOL, f"{where}: max |{key} - reference| = {res[key]:.3e}"
-
-
 @pytest.mark.parametrize("name", list(WS2))
 def test_lss_world_size_2(lss_ws2, name):
-    _check(name, lss_ws2[name])
+    _check(name, WS2[name][0], lss_ws2[name])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(WS4))
 def test_lss_world_size_4(lss_ws4, name):
-    _check(name, lss_ws4[name])
+    _check(name, WS4[name][0], lss_ws4[name])
 
 
 def _cfg(num_heads: int, embed_dim: int = 32) -> ReslimConfig:

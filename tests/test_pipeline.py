@@ -1,6 +1,6 @@
 """Pipeline parallelism (parallel/pipeline.py): 2 (and 3) stages over the transformer blocks,
-GPipe and 1F1B with micro-batches, against one process in float64 (loss and parameters after 3 AdamW
-steps to 1e-10), and the uneven-split error."""
+GPipe and 1F1B with micro-batches, and pp x dp (2 x 2), against one process in float64 (loss,
+gradients and parameters after 3 AdamW steps to 1e-10), and the uneven-split error."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ def test_three_stages_pass_tokens_through_a_middle_stage():
         assert res["moved"] > 1e-4 and res["grad"] < 1e-10 and res["param"] < 1e-10, (rank, res)
         assert {n.split(".")[1] for n in res["owned"] if n.startswith("blocks.")} == {str(rank)}
     assert res["loss"] < 1e-10
+
+
+@pytest.mark.slow
+def test_pipeline_x_data_parallel():
+    # 4 processes: 2 data-parallel replicas of a 2-stage 1F1B pipeline, 2 samples each
+    for rank, res in enumerate(spawn(cases.pipeline_cases, 4, [("1f1b", 2, 2)], timeout=300)):
+        res = res[0]
+        assert res["moved"] > 1e-4 and res["grad"] < 1e-10 and res["param"] < 1e-10, (rank, res)
+        assert res["loss"] < 1e-10, (rank, res)
 
 
 def test_blocks_not_divisible_by_stages_names_the_nearest_choice():

@@ -9,13 +9,16 @@ convolution and returns ``base + head``; the loss is computed there. Micro-batch
 by GPipe or 1F1B (``make_schedule``); gradients are scaled by 1 / micro-batches (torch's
 ``scale_grads``), so a per-micro-batch mean loss gives the gradient of the full-batch mean.
 
-This module is standalone: it is not (yet) a ``Layout`` dimension and does not compose with
-TP / SP / FSDP or the training engine (see README, "Parallel layouts").
+pp x dp: build a 2-D mesh ``("dp", "pp")``, give ``pipeline_stage`` the ``pp`` group, feed each
+data-parallel rank its slice of the batch and call ``average_over_data_parallel`` after the
+schedule's step. This module is standalone otherwise: it is not (yet) a ``Layout`` dimension and
+does not compose with TP / SP / FSDP or the training engine (see README).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -23,7 +26,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..model.layers import sincos_pos_embed_2d, unpatchify
 from ..model.reslim import Reslim, resolution_tensor, validate_inputs
 
-__all__ = ["SCHEDULES", "check_stages", "make_schedule", "pipeline_stage"]
+__all__ = ["SCHEDULES", "average_over_data_parallel", "check_stages", "make_schedule",
+           "pipeline_stage"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -115,6 +119,16 @@ def pipeline_stage(model: Reslim, stage: int, n_stages: int, device: torch.devic
     else:
         module = MiddleStage(blocks)
     return PipelineStage(module, stage, n_stages, device, group=group), module
+
+
+@torch.no_grad()
+def average_over_data_parallel(module: nn.Module, dp_group: ProcessGroup) -> None:
+    """Average this stage's gradients over the data-parallel replicas of the stage (pp x dp)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    world = dist.get_world_size(dp_group)
+    for g in grads:  # a few tensors per stage; one collective each keeps this simple
+        dist.all_reduce(g, group=dp_group)
+        g.div_(world)
 
 
 def make_schedule(stage: PipelineStage, schedule: str, n_microbatches: int, loss_fn):

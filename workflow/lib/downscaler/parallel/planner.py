@@ -14,8 +14,8 @@ The estimate is analytic (element counts of what training keeps alive, per rank)
 - a transient of the largest single activation (its gradient during backward).
 
 Attention goes through ``scaled_dot_product_attention``, so no ``L x L`` score matrix is counted
-(flash / memory-efficient kernels; the CPU flash kernel too). Pipeline parallelism is not built,
-so the planner always proposes ``pp = 1``.
+(flash / memory-efficient kernels; the CPU flash kernel too). Pipeline parallelism is not a
+layout dimension (``parallel.pipeline`` is standalone), so the planner always proposes ``pp = 1``.
 
 Search: every layout that fits the world size and the model (``Layout.validate``), with and
 without activation checkpointing, is estimated; among those within the budget the one with the
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> Plan:
                        2 if args.bf16 else 4, args.dchag)
     print(f"preset {args.preset}: {size.block_params + size.other_params:,} parameters, "
           f"{tokens:,} tokens, {args.world} processes, {args.memory_gib} GiB each")
-    print("proposed parallel config:", plan.as_config(), "pp: 1 (pipeline not built)")
+    print("proposed parallel config:", plan.as_config(),
+          "pp: 1 (pipeline stages are not a layout option)")
     print("reason:", plan.reason)
     return plan
 

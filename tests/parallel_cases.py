@@ -26,7 +26,7 @@ BATCH = 4
 COARSE = 8  # coarse tile 8x8, patch 2 -> 16 tokens
 
 
-def make_model(seed: int = 0) -> nn.Module:
+def make_model(seed: int = 0, depth: int = 2) -> nn.Module:
     """The tiny Reslim shrunk further, float64, every parameter perturbed (non-zero biases)."""
     torch.manual_seed(seed)
     model = build_model(
@@ -35,7 +35,7 @@ def make_model(seed: int = 0) -> nn.Module:
         ["t2m"],
         ["orog", "lsm"],
         embed_dim=32,
-        depth=2,
+        depth=depth,
         num_heads=4,
         mag=2,
         decoder_depth=1,
@@ -249,3 +249,98 @@ def sum_of_ranks(rank: int, world_size: int, offset: int) -> float:
     t = torch.tensor(float(rank + offset))
     torch.distributed.all_reduce(t)
     return t.item()
+
+
+def pipeline_parity(rank: int, world_size: int, schedule: str, n_micro: int,
+                    steps: int = 3, dp: int = 1) -> dict:
+    depth = world_size // dp  # one block per stage
+    """Pipeline over ``world_size`` stages vs one process: loss and the parameters this stage
+    owns after ``steps`` AdamW steps (float64)."""
+    from downscaler.parallel.pipeline import (
+        average_over_data_parallel,
+        make_schedule,
+        pipeline_stage,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dp, depth), mesh_dim_names=("dp", "pp"))
+    pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    ref = make_model(depth=depth)
+    model = make_model(depth=depth)
+    names = {id(p): n for n, p in model.named_parameters()}
+    stage, module = pipeline_stage(model, pp_rank, depth, torch.device("cpu"),
+                                   group=mesh["pp"].get_group())
+    owned = {names[id(p)]: p for p in module.parameters()}
+    pipe = make_schedule(stage, schedule, n_micro, F.mse_loss)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.01)
+    last = pp_rank == depth - 1
+    out = {"loss": 0.0, "grad": 0.0, "param": 0.0, "owned": sorted(owned)}
+    ref_params = dict(ref.named_parameters())
+    for step in range(steps):
+        x, static, y = make_batch(step)
+        res = torch.full((x.shape[0],), RES_KM, dtype=DTYPE)
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        loss_ref = F.mse_loss(ref(x, static, res), y)
+        loss_ref.backward()
+        opt_ref.step()
+        losses: list = []
+        local = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
+        x, static, y, res = x[local], static[local], y[local], res[local]
+        if pp_rank == 0:
+            pipe.step(x, static, res, target=y if last else None, losses=losses)
+        else:
+            pipe.step(target=y if last else None, losses=losses)
+        if dp > 1:
+            average_over_data_parallel(module, mesh["dp"].get_group())
+        if last:
+            loss = torch.stack(losses).mean()  # equal micro-batches: mean of means
+            if dp > 1:
+                torch.distributed.all_reduce(loss, group=mesh["dp"].get_group())
+                loss /= dp
+            out["loss"] = max(out["loss"], abs(loss.item() - loss_ref.item()))
+        # gradients too: AdamW's update hardly changes if every gradient is scaled alike
+        diff = max((p.grad - ref_params[n].grad).abs().max().item() for n, p in owned.items())
+        out["grad"] = max(out["grad"], diff)
+        opt.step()
+        diff = max((p - ref_params[n]).abs().max().item() for n, p in owned.items())
+        out["param"] = max(out["param"], diff)
+    out["n_ref"] = len(ref_params)
+    out["moved"] = max((p - q).abs().max().item()
+                       for p, q in zip(ref.parameters(), make_model(depth=depth).parameters(),
+                                       strict=True))
+    return out
+
+
+def pipeline_cases(rank: int, world_size: int, cases_: list[tuple]) -> list[dict]:
+    """``pipeline_parity`` for each ``(schedule, micro-batches[, dp])``, in one spawned world."""
+    return [pipeline_parity(rank, world_size, s, m, dp=c[0] if c else 1) for s, m, *c in cases_]
+
+
+def long_sequence_attention_peak(rank: int, world_size: int, mode: str, tokens: int) -> dict:
+    """Peak tensor bytes (MemTracker) of one sequence-parallel attention forward + backward at
+    ``tokens`` tokens (float32, the dtype the CPU flash kernel serves), and the output's
+    difference from plain attention on the full sequence."""
+    from downscaler.model.layers import Attention
+    from downscaler.parallel.lss import LssAttention
+    from downscaler.parallel.sequence_parallel import UlyssesAttention
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    ref = Attention(32, 4)
+    ref.load_state_dict(attn.state_dict())
+    attn.__class__ = LssAttention if mode == "lss" else UlyssesAttention
+    attn.sp_group = torch.distributed.group.WORLD
+    x = torch.randn(1, tokens, 32, generator=torch.Generator().manual_seed(1))
+    local = x.chunk(world_size, dim=1)[rank].clone().requires_grad_()
+    tracker = MemTracker()
+    tracker.track_external(attn)
+    with tracker:
+        out = attn(local)
+        out.sum().backward()
+    peak = int(sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
+    with torch.no_grad():
+        diff = (out - ref(x).chunk(world_size, dim=1)[rank]).abs().max().item()
+    return {"peak": peak, "diff": diff}

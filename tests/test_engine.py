@@ -4,7 +4,8 @@ Each case (tests/engine_cases.py) trains 6 steps with clipping that bites, valid
 the data-parallel ranks get padded shards), is stopped at step 3 and resumed; its logged train
 losses, gradient norms, validation losses and published best checkpoint must equal a
 single-process run of the same config: to 1e-10 in float64 for the torch engine (DDP, FSDP2,
-HSDP, TP, SP and their combinations, D-CHAG linear and cross with TP and FSDP), to float32
+HSDP, TP, SP (Ulysses and LSS) and their combinations, D-CHAG linear and cross with TP and
+FSDP), to float32
 rounding for DeepSpeed ZeRO 1-3 (its engine trains in float32: logged numbers to 5e-6, weights
 to rtol 2e-3 / atol 1e-5). D-CHAG is compared with the
 single-process D-CHAG model (``parallel.dchag.reference_model``), the model its checkpoint holds.
@@ -34,6 +35,7 @@ WORLD2 = [
     {"name": "fsdp", "parallel": {"dp_shard": 2}},
     {"name": "tp", "parallel": {"tp": 2}},
     {"name": "sp", "parallel": {"sp": 2}},
+    {"name": "lss", "parallel": {"sp": 2, "sp_mode": "lss"}},
     {"name": "dchag_linear_tp", "parallel": {"tp": 2, "dchag": "linear"}},
     {"name": "dchag_cross_tp", "parallel": {"tp": 2, "dchag": "cross"}},
     *({"name": f"zero{k}", "parallel": {"engine": "deepspeed", "zero_stage": k}, "dtype": F32}
@@ -42,6 +44,7 @@ WORLD2 = [
 WORLD4 = [
     {"name": "hsdp", "parallel": {"dp_replicate": 2, "dp_shard": 2}},
     {"name": "tp_sp", "parallel": {"tp": 2, "sp": 2}},
+    {"name": "lss_fsdp", "parallel": {"dp_shard": 2, "sp": 2, "sp_mode": "lss"}},
     {"name": "dp_tp", "parallel": {"dp_replicate": 2, "tp": 2}},
     {"name": "dp_sp", "parallel": {"dp_replicate": 2, "sp": 2}},
     {"name": "fsdp_tp", "parallel": {"dp_shard": 2, "tp": 2}},

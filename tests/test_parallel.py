@@ -78,6 +78,8 @@ def test_tp_bias_and_error_paths():
             assert bias[f"{part}_naive_diff"] > 0.4, (rank, part, bias)
         assert bias["block_diff"] < TOL and bias["bias_grad_diff"] < TOL, (rank, bias)
         assert "9 tokens cannot be split over sp=2" in errors["sequence"]
+        assert "(nearest: 8 or 10 tokens)" in errors["sequence"]
+        assert "an sp that divides 9 (nearest: sp=1 or 3)" in errors["sequence"]
         assert "batch size 5 is not divisible" in errors["batch"]
         assert errors["mesh"].startswith("LayoutError") and "build_mesh" in errors["mesh"]
         assert "world size is 2" in errors["world"]
@@ -144,3 +146,35 @@ def test_layout_from_config():
         Layout.from_config({"tp": 0})
     with pytest.raises(LayoutError, match="mapping"):
         Layout.from_config([("tp", 2)])
+
+
+def _par(**kw) -> dict:
+    return {"engine": "torch", "processes": 1, "dp_replicate": 0, "dp_shard": 1, "tp": 1,
+            "sp": 1, "sp_mode": "ulysses", "dchag": None, **kw}
+
+
+def test_uneven_layouts_name_the_numbers_and_the_nearest_valid_choice():
+    from downscaler.parallel.layout import check_parallel_config
+
+    cfg = _cfg(num_heads=4)
+    with pytest.raises(LayoutError) as info:  # heads not divisible by tp
+        check_parallel_config(_par(processes=6, tp=3), cfg)
+    msg = str(info.value)
+    assert "num_heads=4 is not divisible by tp*sp = 3*1 = 3" in msg
+    assert "nearest valid choice for 6 processes is tp: 2, sp: 1, dp_shard: 1" in msg
+    with pytest.raises(LayoutError) as info:  # Ulysses: heads not divisible by tp*sp
+        check_parallel_config(_par(processes=8, sp=8), cfg)
+    assert "tp*sp = 1*8 = 8" in str(info.value) and "tp: 1, sp: 4" in str(info.value)
+    check_parallel_config(_par(processes=8, sp=8, sp_mode="lss"), cfg)  # LSS keeps whole heads
+    with pytest.raises(LayoutError, match=r"dp_shard\*tp\*sp = 3 does not divide the 4 "
+                                          r"processes; the nearest valid choice"):
+        check_parallel_config(_par(processes=4, tp=3), cfg)
+
+
+def test_uneven_sequence_message():
+    from downscaler.parallel.sequence_parallel import uneven_sequence_message
+
+    msg = uneven_sequence_message(9, 2)
+    assert msg.startswith("sequence parallel: 9 tokens cannot be split over sp=2 ranks")
+    assert "(nearest: 8 or 10 tokens)" in msg and "(nearest: sp=1 or 3)" in msg
+    assert "(nearest: 4 tokens)" in uneven_sequence_message(3, 4)

@@ -54,11 +54,13 @@ class ParallelConfig:
     tp: int
     sp: int
     dchag: str | None
+    sp_mode: str
     activation_checkpointing: bool
 
     def sizes(self) -> dict[str, Any]:
         """The layout part (``dp_replicate`` may still be 0 = auto)."""
-        return {k: getattr(self, k) for k in ("dp_replicate", "dp_shard", "tp", "sp", "dchag")}
+        return {k: getattr(self, k) for k in ("dp_replicate", "dp_shard", "tp", "sp", "dchag",
+                                              "sp_mode")}
 
 
 def _build(cls: type, section: dict, name: str) -> Any:

@@ -19,6 +19,7 @@ from ..model.reslim import ReslimConfig
 __all__ = [
     "DCHAG_MODES",
     "MESH_DIMS",
+    "SP_MODES",
     "Layout",
     "LayoutError",
     "build_mesh",
@@ -29,6 +30,7 @@ __all__ = [
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "tp")
 DCHAG_MODES = ("linear", "cross")
+SP_MODES = ("ulysses", "lss")
 
 
 class LayoutError(ValueError):
@@ -42,7 +44,9 @@ class Layout:
     - ``dp_replicate``: replica groups (DDP alone, or the replicate dim of HSDP);
     - ``dp_shard``: FSDP2 shard groups (parameters, gradients, optimizer state sharded);
     - ``tp``: Megatron tensor parallel over consecutive ranks;
-    - ``sp``: Ulysses sequence parallel (tokens of the transformer blocks split over ranks);
+    - ``sp``: sequence parallel (tokens of the transformer blocks split over ranks);
+    - ``sp_mode``: ``"ulysses"`` (all-to-all, heads split over sp: needs ``num_heads`` divisible
+      by ``tp*sp``) or ``"lss"`` (K/V all-gathered, all heads local: ``num_heads`` by ``tp``);
     - ``dchag``: ``None``, ``"linear"`` or ``"cross"``: D-CHAG channel aggregation over the tp
       group (needs ``tp > 1``).
     """
@@ -52,6 +56,7 @@ class Layout:
     tp: int = 1
     sp: int = 1
     dchag: str | None = None
+    sp_mode: str = "ulysses"
 
     @property
     def world_size(self) -> int:
@@ -77,6 +82,8 @@ class Layout:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         if self.dchag is not None and self.dchag not in DCHAG_MODES:
             problems.append(f"dchag must be null, 'linear' or 'cross', got {self.dchag!r}")
+        if self.sp_mode not in SP_MODES:
+            problems.append(f"sp_mode must be 'ulysses' or 'lss', got {self.sp_mode!r}")
         return problems
 
     def validate(self, world_size: int, cfg: ReslimConfig) -> None:
@@ -97,10 +104,17 @@ class Layout:
             )
         heads, dim = cfg.num_heads, cfg.embed_dim
         hidden = int(round(dim * cfg.mlp_ratio))
-        if heads % (self.tp * self.sp):
+        head_split = self.tp * self.sp if self.sp_mode == "ulysses" else self.tp
+        if heads % head_split and self.sp_mode == "ulysses":
             problems.append(
                 f"num_heads={heads} is not divisible by tp*sp = {self.tp}*{self.sp} = "
-                f"{self.tp * self.sp}; each tensor x sequence rank needs whole attention heads"
+                f"{head_split}; each tensor x sequence rank needs whole attention heads under "
+                "sp_mode: ulysses (sp_mode: lss keeps all heads and only needs tp to divide them)"
+            )
+        elif heads % head_split:
+            problems.append(
+                f"num_heads={heads} is not divisible by tp={self.tp}; each tensor rank needs "
+                "whole attention heads"
             )
         if dim % self.tp:
             problems.append(f"embed_dim={dim} is not divisible by tp={self.tp}")
@@ -194,7 +208,7 @@ def resolve_sizes(par: dict[str, Any], world_size: int) -> dict[str, Any]:
                 f"parallel.dp_shard*tp*sp = {rest} does not divide the {world_size} processes; "
                 f"{_nearest_hint(par, world_size)}"]))
         sizes["dp_replicate"] = world_size // rest
-    return {**sizes, "dchag": par["dchag"]}
+    return {**sizes, "dchag": par["dchag"], "sp_mode": par["sp_mode"]}
 
 
 def _divisors(n: int) -> list[int]:
@@ -212,9 +226,9 @@ def _nearest_hint(par: dict[str, Any], world: int, cfg: Any = None) -> str:
     choice: dict[str, int] = {}
     left = world
     for key in ("tp", "sp", "dp_shard"):
+        free = key == "dp_shard" or (key == "sp" and par["sp_mode"] == "lss")
         allowed = [d for d in _divisors(left)
-                   if heads is None or key == "dp_shard"
-                   or heads % (d * choice.get("tp", 1)) == 0]
+                   if heads is None or free or heads % (d * choice.get("tp", 1)) == 0]
         choice[key] = _nearest(par[key], allowed)
         left //= choice[key]
     text = ", ".join(f"{k}: {v}" for k, v in choice.items())

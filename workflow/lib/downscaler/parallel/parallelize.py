@@ -1,8 +1,8 @@
 """Compose every parallelism on a plain ``Reslim`` from one ``Layout`` (torchtitan's shape).
 
-Order: D-CHAG -> tensor parallel -> Ulysses sequence parallel -> activation checkpointing ->
-FSDP2 / HSDP or DDP. Each step is a function that does one thing to the model in place; the
-data-parallel wrap comes last so it sees the final (tensor-parallel) parameters.
+Order: D-CHAG -> tensor parallel -> sequence parallel (Ulysses or LSS) -> activation
+checkpointing -> FSDP2 / HSDP or DDP. Each step is a function that does one thing to the model
+in place; the data-parallel wrap comes last so it sees the final (tensor-parallel) parameters.
 
 Training step contract for callers (the training engine)::
 
@@ -89,7 +89,7 @@ def parallelize(
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if layout.sp > 1:
-        apply_sequence_parallel(model, mesh["sp"])
+        apply_sequence_parallel(model, mesh["sp"], layout.sp_mode)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     has_dtensor = any(isinstance(p, DTensor) for p in model.parameters())

@@ -1,4 +1,5 @@
-"""Ulysses sequence parallelism (DeepSpeed-Ulysses) of the transformer blocks, from outside.
+"""Sequence parallelism of the transformer blocks, from outside: Ulysses (DeepSpeed-Ulysses),
+here, or LSS (``lss.LssAttention``), which shares the scatter / gather below.
 
 The ``L`` tokens that enter the first ``Block`` are split into ``sp`` contiguous chunks, one per
 rank of the sp group; every block then runs on ``L/sp`` tokens. Attention needs all tokens, so
@@ -31,8 +32,10 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..model.layers import Attention
+from .lss import LssAttention
 
 __all__ = [
+    "SP_MODES",
     "UlyssesAttention",
     "apply_sequence_parallel",
     "gather_sequence",
@@ -116,12 +119,20 @@ def scatter_sequence(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
     """This rank's contiguous chunk of the (replicated) token sequence; clear error if uneven."""
     world = dist.get_world_size(group)
     if x.shape[dim] % world:
-        raise ValueError(
-            f"sequence parallel: {x.shape[dim]} tokens cannot be split over sp={world} ranks; "
-            f"use a tile whose token count (h/patch)*(w/patch) is divisible by {world}, "
-            "or change sp"
-        )
+        raise ValueError(uneven_sequence_message(x.shape[dim], world))
     return _ScatterSequence.apply(x, group, dim)
+
+
+def uneven_sequence_message(tokens: int, sp: int) -> str:
+    """Why ``tokens`` cannot be split over ``sp`` ranks, with the nearest valid choices."""
+    lower, upper = tokens // sp * sp, (tokens // sp + 1) * sp
+    near_tokens = f"{lower} or {upper}" if lower else f"{upper}"
+    divisors = [d for d in range(1, tokens + 1) if tokens % d == 0]
+    best = min(abs(d - sp) for d in divisors)
+    near_sp = " or ".join(str(d) for d in divisors if abs(d - sp) == best)
+    return (f"sequence parallel: {tokens} tokens cannot be split over sp={sp} ranks; use a tile "
+            f"whose token count (h/patch)*(w/patch) is a multiple of {sp} (nearest: "
+            f"{near_tokens} tokens) or an sp that divides {tokens} (nearest: sp={near_sp})")
 
 
 def gather_sequence(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
@@ -166,13 +177,19 @@ def sequence_sharded_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(blocks.parameters())
 
 
-def apply_sequence_parallel(model: nn.Module, sp_mesh: DeviceMesh) -> None:
+SP_MODES = ("ulysses", "lss")
+
+
+def apply_sequence_parallel(model: nn.Module, sp_mesh: DeviceMesh, mode: str = "ulysses") -> None:
     """Split the token sequence of ``model.blocks`` over the 1-D ``sp_mesh``, in place.
 
     Registers a pre-hook on the first block (scatter) and a hook on the last (gather) and turns
-    every block's ``Attention`` into ``UlyssesAttention``. Call after tensor parallel (the
-    all-to-all then moves the tp-local heads) and before FSDP.
+    every block's ``Attention`` into ``UlyssesAttention`` (``mode="ulysses"``: all-to-all, heads
+    split) or ``LssAttention`` (``mode="lss"``: local queries, K/V all-gathered; see ``lss``).
+    Call after tensor parallel (the collectives then move the tp-local heads) and before FSDP.
     """
+    if mode not in SP_MODES:
+        raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose one of {SP_MODES}")
     if sp_mesh.ndim != 1:
         raise ValueError(f"sp_mesh must be 1-D (mesh['sp']), got {sp_mesh.ndim}-D")
     if getattr(model, "_sequence_parallel", False):
@@ -185,7 +202,7 @@ def apply_sequence_parallel(model: nn.Module, sp_mesh: DeviceMesh) -> None:
             raise TypeError(
                 f"sequence parallel expects Block.attn to be Attention, got {type(attn).__name__}"
             )
-        attn.__class__ = UlyssesAttention
+        attn.__class__ = UlyssesAttention if mode == "ulysses" else LssAttention
         attn.sp_group = group
 
     def scatter_hook(_module: nn.Module, args: tuple) -> tuple:

@@ -6,8 +6,6 @@ import json
 import pytest
 from downscaler.cluster import WorkerJobs, slurm_cluster_kwargs, with_scheduler
 
-pytest.importorskip("dask_jobqueue", reason="needs dask-jobqueue (envs/requirements.txt)")
-
 
 def test_worker_job_script_for_frontier_nodes():
     from dask_jobqueue import SLURMCluster

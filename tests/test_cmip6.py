@@ -185,7 +185,8 @@ def esgf_records(source: str, variable: str, table: str, files: list[Path]) -> l
 
 @pytest.fixture
 def isolated_intake_esgf(tmp_path, monkeypatch):
-    intake_esgf = pytest.importorskip("intake_esgf")
+    import intake_esgf  # pinned in envs/requirements.txt
+
     monkeypatch.setitem(intake_esgf.conf, "download_db", str(tmp_path / "esgf" / "download.db"))
     monkeypatch.setitem(intake_esgf.conf, "logfile", str(tmp_path / "esgf" / "esgf.log"))
     monkeypatch.setitem(intake_esgf.conf, "esg_dataroot", [])

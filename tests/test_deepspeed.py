@@ -17,13 +17,8 @@ from downscaler.model.presets import build_model
 from downscaler.model.reslim import Reslim
 from downscaler.parallel.deepspeed_engine import (
     DEEPSPEED_VERSION,
-    deepspeed_config,
-)
-
-deepspeed = pytest.importorskip("deepspeed")
-
-from downscaler.parallel.deepspeed_engine import (  # noqa: E402  (after the importorskip)
     build_deepspeed_engine,
+    deepspeed_config,
     full_state_dict,
     load_checkpoint,
     save_checkpoint,

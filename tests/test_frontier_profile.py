@@ -15,16 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import snakemake_executor_plugin_slurm  # noqa: F401  (pinned: the profile's executor)
 
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 SRUN_OPTIONS = "--ntasks-per-node=8 --cpus-per-task=7 --gpus-per-task=1 --gpu-bind=closest"
 LAUNCH = f"python -m downscaler.srun {SRUN_OPTIONS}"  # the train rule's `mpi` resource
-
-pytest.importorskip("snakemake_executor_plugin_slurm",
-                    reason="needs snakemake-executor-plugin-slurm (pip install it)")
-
 
 def snakemake(workdir: Path, *args: str, env: dict | None = None):
     """Run the repository's Snakefile in `workdir` with the frontier profile."""

@@ -20,7 +20,7 @@ from downscaler.model import (
     mse_loss,
     tv_regularised_loss,
 )
-from downscaler.model.checkpointing import is_checkpointed
+from downscaler.model.activation_checkpointing import is_checkpointed
 from downscaler.model.layers import Block, VariableAggregator
 from downscaler.model.loss import total_variation
 

@@ -2,7 +2,14 @@
 # Locally the rule spawns parallel.processes ranks itself; under the frontier profile the
 # `mpi` resource is the srun line (one task per GPU) and every task is one rank. A run stopped
 # by SIGTERM/SIGUSR1 saves results/model/train_state/ and exits 75; running the rule again
-# (Snakemake `retries`, or a resubmission) resumes from it.
+# (Snakemake `retries`, or a resubmission) resumes from it. Stopping Snakemake itself (Ctrl-C,
+# SIGTERM) does the same for a local training: Snakemake would wait for it to finish, so the
+# onstart hook passes the stop on (downscaler.workflow_signals).
+from downscaler.workflow_signals import forward_stop_to_training
+
+
+onstart:
+    forward_stop_to_training()
 
 
 rule train:

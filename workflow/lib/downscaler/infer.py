@@ -208,19 +208,11 @@ MEMBER_ATTRS = {"standard_name": "realization", "long_name": "ensemble member",
                 "units": "1"}
 
 
-def downscale(
-    model: torch.nn.Module,
-    payload: dict,
-    coarse: xr.Dataset,
-    fine_static: xr.Dataset,
-    batch_size: int = 64,
-    blend: bool = False,
-    time_chunk: int = 32,
-    **kwargs,
-) -> xr.Dataset:
-    """The whole prediction in memory (for short periods and tests); see `downscale_chunks`."""
-    chunks = list(downscale_chunks(model, payload, coarse, fine_static, batch_size, blend,
-                                   time_chunk, **kwargs))
+def downscale(model: torch.nn.Module, payload: dict, coarse: xr.Dataset,
+              fine_static: xr.Dataset, **options) -> xr.Dataset:
+    """The whole prediction in memory (for short periods and tests); `options` and their
+    defaults are `downscale_chunks`'."""
+    chunks = list(downscale_chunks(model, payload, coarse, fine_static, **options))
     return xr.concat(chunks, dim="time") if len(chunks) > 1 else chunks[0]
 
 

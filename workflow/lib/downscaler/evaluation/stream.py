@@ -57,6 +57,19 @@ def _order_statistic_bins(lo: float, hi: float, n_bins: int,
     return np.clip(np.floor(scaled), 0, n_bins - 1).astype(np.int64)
 
 
+def _varying_finite_values(chunks: Callable[[], Iterable[xr.Dataset]],
+                           variables: dict[str, tuple], summary: dict[str, dict]) -> Iterator:
+    """(variable, its summary, finite values of one chunk) over a fresh pass of `chunks()`,
+    skipping constant variables (their quantiles are known from the range alone)."""
+    for chunk in chunks():
+        for v, spec in variables.items():
+            s = summary[v]
+            if s["max"] == s["min"]:
+                continue
+            x = _values(chunk, spec)
+            yield v, s, x[np.isfinite(x)]
+
+
 def summarise_truth(chunks: Callable[[], Iterable[xr.Dataset]], variables: dict[str, tuple],
                     quantiles: tuple[float, ...] = TAIL_QUANTILES) -> dict[str, dict]:
     """Per scored variable: n (valid pixel-times), min, max, mean and the exact `quantiles`
@@ -89,15 +102,9 @@ def summarise_truth(chunks: Callable[[], Iterable[xr.Dataset]], variables: dict[
             wanted[v] = dict.fromkeys(wanted[v], float(s["min"]))
     # pass 2: which histogram bin holds each wanted order statistic
     hist = {v: np.zeros(HIST_BINS, np.int64) for v in variables}
-    for chunk in chunks():
-        for v, spec in variables.items():
-            s = out[v]
-            if s["max"] == s["min"]:
-                continue
-            x = _values(chunk, spec)
-            x = x[np.isfinite(x)]
-            hist[v] += np.bincount(_order_statistic_bins(s["min"], s["max"], HIST_BINS, x),
-                                   minlength=HIST_BINS)
+    for v, s, x in _varying_finite_values(chunks, variables, out):
+        hist[v] += np.bincount(_order_statistic_bins(s["min"], s["max"], HIST_BINS, x),
+                               minlength=HIST_BINS)
     bins: dict[str, dict[int, tuple[int, int]]] = {}
     for v in variables:
         cum = np.cumsum(hist[v])
@@ -107,19 +114,13 @@ def summarise_truth(chunks: Callable[[], Iterable[xr.Dataset]], variables: dict[
             bins[v][rank] = (b, int(cum[b - 1]) if b else 0)  # bin and ranks before it
     # pass 3: the distinct values (with counts) inside those bins give the exact statistics
     found: dict[str, dict[int, dict]] = {v: {} for v in variables}
-    for chunk in chunks():
-        for v, spec in variables.items():
-            s = out[v]
-            if s["max"] == s["min"]:
-                continue
-            x = _values(chunk, spec)
-            x = x[np.isfinite(x)]
-            idx = _order_statistic_bins(s["min"], s["max"], HIST_BINS, x)
-            for b in {b for b, _ in bins[v].values()}:
-                vals, counts = np.unique(x[idx == b], return_counts=True)
-                acc = found[v].setdefault(b, {})
-                for val, c in zip(vals.tolist(), counts.tolist(), strict=True):
-                    acc[val] = acc.get(val, 0) + c
+    for v, s, x in _varying_finite_values(chunks, variables, out):
+        idx = _order_statistic_bins(s["min"], s["max"], HIST_BINS, x)
+        for b in {b for b, _ in bins[v].values()}:
+            vals, counts = np.unique(x[idx == b], return_counts=True)
+            acc = found[v].setdefault(b, {})
+            for val, c in zip(vals.tolist(), counts.tolist(), strict=True):
+                acc[val] = acc.get(val, 0) + c
     for v, s in out.items():
         for rank, (b, before) in bins[v].items():
             if wanted[v][rank] is not None:

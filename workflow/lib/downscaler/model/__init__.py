@@ -3,8 +3,8 @@
 Plain ``nn.Module``s that know nothing of parallelism; it is applied from outside.
 """
 
+from .activation_checkpointing import apply_activation_checkpointing
 from .baseline import UpsampleViT
-from .checkpointing import apply_activation_checkpointing
 from .loss import latitude_weights, mse_loss, tv_regularised_loss
 from .presets import PRESETS, build_model, count_parameters
 from .reslim import Reslim, ReslimConfig

@@ -29,7 +29,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from ..model.checkpointing import apply_activation_checkpointing
+from ..model.activation_checkpointing import apply_activation_checkpointing
 from ..model.reslim import Reslim
 from .data_parallel import apply_ddp, apply_fsdp, dp_unreduced_parameters, unwrap
 from .layout import MESH_DIMS, Layout, LayoutError

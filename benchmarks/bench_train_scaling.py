@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import model_config, pick_device, print_table, random_batch
 from common import write_results as save
-from downscaler.launcher import spawn
+from downscaler.launcher import launch, spawn
 from downscaler.model.presets import PRESETS
 from downscaler.model.reslim import Reslim
 from torch.nn.parallel import DistributedDataParallel
@@ -54,9 +54,22 @@ def _rank(rank: int, world: int, kw: dict[str, Any]) -> list[float]:
     return times
 
 
+def _single(_device: torch.device, kw: dict[str, Any]) -> list[float]:
+    return _rank(0, 1, kw)
+
+
 def step_time(world: int, **kw: Any) -> float:
-    """The slowest rank's time per step, best over the repeats."""
-    per_rank = spawn(_rank, world, kw, device=kw["device"])
+    """The slowest rank's time per step, best over the repeats (one process runs here, in a
+    group of one, with the same one thread per process as the spawned ranks)."""
+    if world == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            per_rank = [launch(_single, 1, kw["device"], kw)]
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        per_rank = spawn(_rank, world, kw, device=kw["device"])
     return min(max(step) for step in zip(*per_rank, strict=True))
 
 

@@ -133,6 +133,7 @@ rule tiles_seam_check:
 
 rule scaling_figure:
     input:
+        bench_results("demo"),
         benchmark_results,
     output:
         csv=report(

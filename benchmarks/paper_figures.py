@@ -81,12 +81,12 @@ def reslim_vs_vit(out: Path, paths: list[str]) -> None:
             a2.annotate(f"{s:.1f}x", (m, s), textcoords="offset points", xytext=(4, 4))
     ref = PUBLISHED["reslim_speedup"]
     a2.axhline(ref["value"], **REF_STYLE, label=ref["label"])
-    for ax in (a1, a2):
+    for ax, where in ((a1, "best"), (a2, "center left")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("magnification (output = coarse x mag)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc=where)
     a1.set_ylabel("training samples / s")
     a2.set_ylabel("upsample ViT / Reslim")
     a1.set_title("Throughput")

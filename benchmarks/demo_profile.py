@@ -2,7 +2,8 @@
 
     python benchmarks/demo_profile.py [results/benchmarks] [--install-s 95]
 
-Reads every ``<rule>.tsv`` directly under the folder and under ``demo/`` (the stage rules' ``benchmark:`` files:
+Reads every ``<rule>.tsv`` directly under the folder and under ``demo/`` (the stage rules'
+``benchmark:`` files:
 wall seconds, peak RSS, CPU seconds) and prints one row per rule, longest first, with its share
 of the summed wall time. Imports, data generation, training, inference and figures are the
 rules themselves (each rule's time includes its Python start-up and imports). ``--install-s``

@@ -3,36 +3,6 @@
 # results/benchmarks/<size>/<name>.json (machine, device, measured matmul peak, date, versions)
 # next to Snakemake's own benchmark TSV. `threads: workflow.cores` keeps them from sharing the
 # machine with other rules, which would distort the timings.
-import shlex
-
-BENCH_SCRIPTS = os.path.join(workflow.basedir, "benchmarks")
-BENCH_DIR = "results/benchmarks"
-
-
-def bench_options(size, name):
-    """config["benchmarks"][size][name] as command-line options of bench_<name>.py."""
-    options = config["benchmarks"].get(size, {}).get(name)
-    if options is None:
-        raise ValueError(
-            f"config benchmarks.{size}.{name} is missing: add the options of "
-            f"benchmarks/bench_{name}.py there (an empty mapping {{}} for the defaults)"
-        )
-    words = []
-    for key, value in options.items():
-        values = value if isinstance(value, list) else [value]
-        words += [f"--{key.replace('_', '-')}", *map(str, values)]
-    return " ".join(shlex.quote(w) for w in words)
-
-
-def bench_shell(name):
-    """The command of one benchmark rule: the script writes <result>.json into the size's folder."""
-    script = os.path.join(BENCH_SCRIPTS, f"bench_{name}.py")
-    return (
-        f"BENCH_RESULTS_DIR={BENCH_DIR}/{{wildcards.size}} python {shlex.quote(script)}"
-        f" {{params.options}} > {{log}} 2>&1"
-    )
-
-
 wildcard_constraints:
     size="demo|paper",
     variant="[a-z]+",
@@ -45,6 +15,8 @@ rule bench_mfu:
         "logs/benchmarks/{size}/mfu.log",
     benchmark:
         f"{BENCH_DIR}/{{size}}/mfu.tsv"
+    conda:
+        "../../envs/cpu.yaml"
     threads: workflow.cores
     params:
         options=lambda wildcards: bench_options(wildcards.size, "mfu"),
@@ -59,6 +31,8 @@ rule bench_reslim_vs_baseline:
         "logs/benchmarks/{size}/reslim_vs_baseline.log",
     benchmark:
         f"{BENCH_DIR}/{{size}}/reslim_vs_baseline.tsv"
+    conda:
+        "../../envs/cpu.yaml"
     threads: workflow.cores
     params:
         options=lambda wildcards: bench_options(wildcards.size, "reslim_vs_baseline"),
@@ -73,6 +47,8 @@ rule bench_tiles_scaling:
         "logs/benchmarks/{size}/tiles_scaling.log",
     benchmark:
         f"{BENCH_DIR}/{{size}}/tiles_scaling.tsv"
+    conda:
+        "../../envs/cpu.yaml"
     threads: workflow.cores
     params:
         options=lambda wildcards: bench_options(wildcards.size, "tiles_scaling"),
@@ -87,6 +63,8 @@ rule bench_dchag_memory:
         "logs/benchmarks/{size}/dchag_memory_{variant}.log",
     benchmark:
         f"{BENCH_DIR}/{{size}}/dchag_memory_{{variant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
     threads: workflow.cores
     params:
         options=lambda wildcards: bench_options(wildcards.size, "dchag_memory")
@@ -102,6 +80,8 @@ rule bench_train_scaling:
         "logs/benchmarks/{size}/train_scaling.log",
     benchmark:
         f"{BENCH_DIR}/{{size}}/train_scaling.tsv"
+    conda:
+        "../../envs/cpu.yaml"
     threads: workflow.cores
     params:
         options=lambda wildcards: bench_options(wildcards.size, "train_scaling"),
@@ -116,6 +96,8 @@ rule bench_inference:
         "logs/benchmarks/{size}/inference.log",
     benchmark:
         f"{BENCH_DIR}/{{size}}/inference.tsv"
+    conda:
+        "../../envs/cpu.yaml"
     threads: workflow.cores
     params:
         options=lambda wildcards: bench_options(wildcards.size, "inference"),
@@ -132,6 +114,8 @@ rule bench_sequence:
         "logs/benchmarks/{size}/sequence.log",
     benchmark:
         f"{BENCH_DIR}/{{size}}/sequence.tsv"
+    conda:
+        "../../envs/cpu.yaml"
     threads: workflow.cores
     params:
         script=os.path.join(BENCH_SCRIPTS, "bench_sequence.py"),
@@ -140,18 +124,6 @@ rule bench_sequence:
     shell:
         "python {params.runner:q} --script {params.script:q} --out {output:q}"
         " -- {params.options} > {log} 2>&1"
-
-
-def bench_results(size):
-    """Every benchmark JSON of `size` that its config block asks for."""
-    names = [n for n in config["benchmarks"].get(size, {}) if n != "dchag_memory"]
-    files = [f"{BENCH_DIR}/{size}/{n}.json" for n in names]
-    if "dchag_memory" in config["benchmarks"].get(size, {}):
-        files += [
-            f"{BENCH_DIR}/{size}/dchag_memory_{v}.json"
-            for v in config["benchmarks"]["dchag_variants"]
-        ]
-    return files
 
 
 rule bench:

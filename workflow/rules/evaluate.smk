@@ -155,7 +155,8 @@ rule scaling_figure:
         "../../envs/cpu.yaml"
     params:
         cfg=stage_config("evaluate"),
-        results_dir=config["evaluate"]["benchmarks"],
+        # the folder read (not only the demo benchmarks' inputs: any JSON found there)
+        results_dir=lambda wildcards: config["evaluate"]["benchmarks"],
     shell:
         "python -m downscaler.cli scaling --config {params.cfg:q}"
         " --results-dir {params.results_dir:q} --csv {output.csv} --figure {output.figure}"

@@ -45,6 +45,8 @@ rule paper_figure:
         "logs/paper/{figure}.log",
     wildcard_constraints:
         figure="|".join(PAPER_INPUTS),
+    conda:
+        "../../envs/cpu.yaml"
     params:
         script=os.path.join(BENCH_SCRIPTS, "paper_figures.py"),
     shell:
@@ -64,6 +66,8 @@ rule paper_table6:
         csv=f"{PAPER_DIR}/table6.csv",
     log:
         "logs/paper/table6.log",
+    conda:
+        "../../envs/cpu.yaml"
     params:
         script=os.path.join(BENCH_SCRIPTS, "paper_figures.py"),
     shell:
@@ -82,8 +86,12 @@ rule paper_copy:
         ),
     wildcard_constraints:
         name="(maps|spectra)_[A-Za-z0-9_]+",
+    log:
+        "logs/paper/copy_{name}.log",
+    conda:
+        "../../envs/cpu.yaml"
     shell:
-        "cp {input:q} {output:q}"
+        "cp -v {input:q} {output:q} > {log} 2>&1"
 
 
 rule paper:

@@ -173,3 +173,29 @@ def test_paper_target_plans_every_figure(tmp_path):
                  "bench_dchag_memory", "bench_train_scaling", "bench_inference",
                  "bench_sequence", "paper_figure", "paper_table6"):
         assert rule in out, rule
+
+
+def test_demo_scaling_figure_reads_the_benchmark_rules_layout(tmp_path):
+    """The demo's scaling figure: tiles records on the domain axis, training records on the
+    process axis (their args.size is no domain size), the machine taken from the JSON."""
+    from downscaler.evaluate import write_scaling
+    from downscaler.evaluation.benchmarks import load_benchmarks, machine_labels
+
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    _write(folder / "tiles_scaling.json", _doc(args={"tile": 8}, cases=[
+        {"mode": m, "area": a, "side": 8 * a, "domain_pixels": 64 * a * a,
+         "samples_per_s": 10.0 / a, "sequences": a * a} for m in ("tiled", "untiled")
+        for a in (1, 2)]))
+    _write(folder / "train_scaling.json", _doc(args={"size": 8, "batch": 2}, cases=[
+        {"mode": "weak", "processes": n, "samples_per_s": 10.0 * n, "efficiency": 1.0}
+        for n in (1, 2)]))
+    df, problems = load_benchmarks(folder)
+    assert not problems
+    train = df[df["file"] == "train_scaling"]
+    assert train["domain"].isna().all() and train["processes"].tolist() == [1, 2]
+    tiles = df[df["file"] == "tiles_scaling"]
+    assert tiles["domain"].tolist() == [64, 256, 64, 256] and tiles["processes"].isna().all()
+    assert machine_labels(folder) == [MACHINE["label"]]
+    png, pdf = write_scaling(str(folder), tmp_path / "scaling.csv", tmp_path / "scaling.png")
+    assert png.stat().st_size > 20_000 and pdf.read_bytes().startswith(b"%PDF")

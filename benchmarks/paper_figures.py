@@ -175,29 +175,33 @@ def sequence(out: Path, paths: list[str]) -> None:
         return empty(out, title, doc["missing"], [doc])
     rows = []
     for name, sub in doc.get("files", {}).items():
-        for case in sub.get("cases", []):
+        for case in sub.get("cases", sub.get("rows", [])):
             if isinstance(case, dict):
                 rows.append({"file": name, **{k: v for k, v in case.items()
                                               if not isinstance(v, (dict, list))}})
     data = pd.DataFrame(rows)
     subdocs = list(doc.get("files", {}).values())
-    xkey = next((k for k in ("seq_len", "tokens", "sequence_length") if k in data), None)
+    xkey = next((k for k in ("tokens", "seq_len", "sequence_length") if k in data), None)
     if data.empty or xkey is None:
         return empty(out, title, "bench_sequence.py wrote no cases with a sequence length "
                      f"(columns: {sorted(data.columns)[:12]})", subdocs)
-    ykeys = [k for k in ("peak_bytes", "step_s") if k in data]
-    skey = next((k for k in ("mode", "method", "variant", "sp") if k in data), None)
+    # bench_sequence.py's names first, then the generic ones
+    ykeys = [next(k for k in keys if k in data) for keys in
+             (("peak_bytes_per_rank", "peak_bytes"), ("step_time_s", "step_s"))
+             if any(k in data for k in keys)]
+    skey = next((k for k in ("config", "mode", "method", "variant", "sp") if k in data), None)
     fig, axes = plt.subplots(1, max(len(ykeys), 1), figsize=(11, 4.2), constrained_layout=True,
                              squeeze=False)
+    ref = PUBLISHED["sequence_tokens"]
     for ax, y in zip(axes[0], ykeys, strict=False):
         for key, g in (data.groupby(skey) if skey else [("all", data)]):
             g = g.sort_values(xkey)
-            ax.loglog(g[xkey], g[y], "o-", label=f"{skey}={key}")
-        ax.set_xlabel(xkey)
+            ax.loglog(g[xkey], g[y], "o-", label=f"{key} (ours)")
+        ax.set_xlabel(f"{xkey} per sequence")
         ax.set_ylabel(y)
         ax.grid(True, which="both", alpha=0.3)
-        ax.axvline(PUBLISHED["sequence_tokens"]["value"], **REF_STYLE,
-                   label=PUBLISHED["sequence_tokens"]["label"])
+        ax.annotate(ref["label"], (0.02, 0.02), xycoords="axes fraction", fontsize=6,
+                    color=REF_STYLE["color"])
         ax.legend(fontsize=7)
     fig.suptitle(title)
     finish(fig, out, subdocs, data.to_dict("records"))

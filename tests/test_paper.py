@@ -199,3 +199,14 @@ def test_demo_scaling_figure_reads_the_benchmark_rules_layout(tmp_path):
     assert machine_labels(folder) == [MACHINE["label"]]
     png, pdf = write_scaling(str(folder), tmp_path / "scaling.csv", tmp_path / "scaling.png")
     assert png.stat().st_size > 20_000 and pdf.read_bytes().startswith(b"%PDF")
+
+
+def test_sequence_figure_from_bench_sequence_layout(tmp_path):
+    """bench_sequence.py's rows (config, tokens, peak_bytes_per_rank, step_time_s) are drawn."""
+    rows = [{"config": c, "tokens": t, "peak_bytes_per_rank": t * k, "step_time_s": t / 1e3}
+            for c, k in (("sp1", 4), ("ulysses_sp2", 2)) for t in (64, 256)]
+    doc = {"benchmark": "sequence", "files": {"sequence_scaling": _doc(rows=rows)}}
+    out = tmp_path / "sequence.png"
+    P.main(["sequence", "--out", str(out), _write(tmp_path / "sequence.json", doc)])
+    data = _check_figure(out)["data"]
+    assert len(data) == 4 and {r["config"] for r in data} == {"sp1", "ulysses_sp2"}

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from downscaler.evaluation.figures import _message_figure, _save  # noqa: E402
 from downscaler.io import write_json  # noqa: E402
+from perf_model import fit, speedup_curve  # noqa: E402
 from published import PUBLISHED  # noqa: E402
 
 REF_STYLE = {"color": "0.35", "ls": ":", "lw": 1.2}
@@ -79,9 +80,19 @@ def reslim_vs_vit(out: Path, paths: list[str]) -> None:
         a2.plot(g["mag"], g["memory_ratio"], "s--", label=f"memory ratio (ours), coarse {coarse}")
         for m, s in zip(g["mag"], g["speedup"], strict=True):
             a2.annotate(f"{s:.1f}x", (m, s), textcoords="offset points", xytext=(4, 4))
+    # the cost model fitted to these cases, extrapolated to larger inputs and magnifications
+    coef = fit(cases)
+    patch = int(round(cases["coarse"].iloc[0] / cases[cases.model == "reslim"]["tokens"].iloc[0]
+                      ** 0.5))
+    predicted = []
+    for coarse in sorted({int(ratio["coarse"].max()), 32}):
+        curve = speedup_curve(coef, coarse, patch, [4, 8, 16])
+        predicted += curve
+        a2.plot([c["mag"] for c in curve], [c["predicted_speedup"] for c in curve], ls="--",
+                lw=1, label=f"predicted (cost model of this run), coarse {coarse}")
     ref = PUBLISHED["reslim_speedup"]
     a2.axhline(ref["value"], **REF_STYLE, label=ref["label"])
-    for ax, where in ((a1, "best"), (a2, "center left")):
+    for ax, where in ((a1, "best"), (a2, "upper left")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("magnification (output = coarse x mag)")
@@ -92,7 +103,10 @@ def reslim_vs_vit(out: Path, paths: list[str]) -> None:
     a1.set_title("Throughput")
     a2.set_title("Speed-up and memory ratio (dotted: published)")
     fig.suptitle(title)
-    finish(fig, out, [doc], ratio.to_dict("records"))
+    finish(fig, out, [doc], {"measured": ratio.to_dict("records"),
+                             "model": {"coefficients": coef, "patch": patch,
+                                       "equation": "t = a + b F + c L + d L^2"},
+                             "predicted": predicted})
 
 
 def tiles(out: Path, paths: list[str]) -> None:

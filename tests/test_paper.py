@@ -116,7 +116,8 @@ def test_figures_from_each_benchmark_layout(tmp_path):
         P.main([name, "--out", str(out), *paths])
         data = _check_figure(out)["data"]
         if name == "reslim_vs_vit":
-            assert [round(r["speedup"], 6) for r in data] == [4.0, 8.0]
+            assert [round(r["speedup"], 6) for r in data["measured"]] == [4.0, 8.0]
+            assert {p["mag"] for p in data["predicted"]} == {4, 8, 16}
         if name == "dchag_memory":
             tp2 = [r for r in data if r["variant"] == "linear"]
             assert [r["peak_bytes_per_rank"] for r in tp2] == [128, 256]  # the largest rank
@@ -210,3 +211,17 @@ def test_sequence_figure_from_bench_sequence_layout(tmp_path):
     P.main(["sequence", "--out", str(out), _write(tmp_path / "sequence.json", doc)])
     data = _check_figure(out)["data"]
     assert len(data) == 4 and {r["config"] for r in data} == {"sp1", "ulysses_sp2"}
+
+
+def test_cost_model_recovers_known_coefficients():
+    """Cases generated from t = a + bF + cL + dL^2 give back a, b, c, d (no noise)."""
+    from perf_model import TERMS, fit, predict
+
+    truth = dict(zip(TERMS, (0.01, 1e-7, 2e-5, 3e-8), strict=True))
+    rows = [{"tokens": (8 * m // 2) ** 2 if vit else 16, "fine": 8 * m}
+            for m in (4, 8, 16) for vit in (False, True)]
+    cases = pd.DataFrame(rows)
+    cases["step_s"] = predict(truth, cases["tokens"], cases["fine"] ** 2)
+    got = fit(cases)
+    for term in TERMS:
+        assert got[term] == pytest.approx(truth[term], rel=1e-6)

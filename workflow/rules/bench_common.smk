@@ -40,3 +40,10 @@ def bench_results(size):
             for v in config["benchmarks"]["dchag_variants"]
         ]
     return files
+
+
+def scaling_inputs(wildcards):
+    """The scaling figure's inputs: the demo benchmarks plus whatever JSON the folder it reads
+    holds, once each (the two overlap when that folder is the demo benchmarks' own), so the
+    input set is the same before and after the benchmarks ran."""
+    return sorted(set(bench_results("demo")) | set(benchmark_results(wildcards)))

@@ -133,8 +133,7 @@ rule tiles_seam_check:
 
 rule scaling_figure:
     input:
-        bench_results("demo"),
-        benchmark_results,
+        scaling_inputs,
     output:
         csv=report(
             "results/evaluation/scaling.csv",

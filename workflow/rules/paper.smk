@@ -84,10 +84,10 @@ rule paper_copy:
             category="Paper",
             labels={"figure": "{name}"},
         ),
-    wildcard_constraints:
-        name="(maps|spectra)_[A-Za-z0-9_]+",
     log:
         "logs/paper/copy_{name}.log",
+    wildcard_constraints:
+        name="(maps|spectra)_[A-Za-z0-9_]+",
     conda:
         "../../envs/cpu.yaml"
     shell:

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slurm gpu-check lint clean
+.PHONY: demo test test-slurm gpu-check lint clean paper bench
 
 $(STAMP): envs/requirements.txt envs/requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(STAMP): envs/requirements.txt envs/requirements-test.txt pyproject.toml
 # Rules run `python -m downscaler.cli ...`: the environment's python must come first on PATH.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores all
+
+# The papers' figures and tables (results/paper/) and the paper-size benchmarks behind them.
+paper: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores all paper
+
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores all bench
 
 test: $(STAMP)
 	$(BIN)/pytest
@@ -41,4 +48,4 @@ lint: $(STAMP)
 
 clean:
 	rm -rf results/raw results/pairs results/tiles results/model results/downscaled \
-		results/evaluation results/benchmarks logs .snakemake
+		results/evaluation results/benchmarks results/paper logs .snakemake

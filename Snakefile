@@ -19,7 +19,10 @@ include: "workflow/rules/pairs.smk"
 include: "workflow/rules/tiles.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
+include: "workflow/rules/bench_common.smk"
+include: "workflow/rules/benchmarks.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/paper.smk"
 
 
 # Downloads need the internet and small steps are not worth a batch job: on a cluster these run
@@ -29,6 +32,8 @@ localrules:
     source,
     prepare_input,
     scaling_figure,
+    paper,
+    bench,
 
 
 rule all:

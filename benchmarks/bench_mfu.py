@@ -80,6 +80,9 @@ def measure(
         "flops_per_step": flops,
         "flops_by_op": by_op,
         "step_s": timing["min_s"],
+        "samples_per_s": batch / timing["min_s"],
+        "tokens_per_s": batch * (size // cfg.patch_size) ** 2 / timing["min_s"],
+        "batch": batch,
         "timing": timing,
         "achieved_flops_per_s": flops / timing["min_s"],
     }
@@ -120,6 +123,8 @@ def main() -> None:
                 "params": f"{res['params'] / 1e6:.2f}M",
                 "GFLOP/step": res["flops_per_step"] / 1e9,
                 "step s": res["step_s"],
+                "samples/s": res["samples_per_s"],
+                "tokens/s": res["tokens_per_s"],
                 "GFLOP/s": res["achieved_flops_per_s"] / 1e9,
                 "peak GFLOP/s": peak / 1e9,
                 "MFU %": 100 * res["mfu"],
@@ -135,6 +140,7 @@ def main() -> None:
         {
             "args": vars(args),
             "peak_matmul": {"n": n, "flops_per_s": peak, "measurements": peaks},
+            "peak": {"matmul_n": n, "dtype": args.dtype, "flops_per_s": peak},
             "cases": cases,
         },
         dev,

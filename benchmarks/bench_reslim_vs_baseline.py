@@ -1,4 +1,5 @@
-"""Reslim vs the upsample-first ViT: training-step time and peak memory per coarse input size.
+"""Reslim vs the upsample-first ViT: training-step time and peak memory per coarse input size
+and magnification (output resolution = coarse size x mag; ``--mags 4 8 16``).
 
 Both models get the same width / depth / heads (one preset), the same coarse input, statics and
 target, and the same AdamW. Reslim runs its transformer on the coarse grid; UpsampleViT upsamples
@@ -13,6 +14,7 @@ that also allocates gradients and the optimizer state), then ``--repeats`` timed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 import torch
@@ -34,13 +36,16 @@ from downscaler.model.reslim import Reslim
 
 
 def run_case(
-    kind: str, size: int, preset: str, batch: int, device: str, repeats: int, threads: int
+    kind: str, size: int, preset: str, batch: int, device: str, repeats: int, threads: int,
+    mag: int | None = None,
 ) -> dict[str, Any]:
     """One (model, coarse size) case in this (fresh) process: peak memory and step time."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
     cfg = model_config(preset)
+    if mag:
+        cfg = dataclasses.replace(cfg, mag=mag)
     model = (Reslim if kind == "reslim" else UpsampleViT)(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
     x, static, y = random_batch(cfg, batch, size, dev)
@@ -57,7 +62,10 @@ def run_case(
     return {
         "model": kind,
         "coarse": size,
+        "mag": cfg.mag,
+        "fine": size * cfg.mag,
         "tokens": tokens,
+        "samples_per_s": batch / timing["min_s"],
         "step_s": timing["min_s"],
         "timing": timing,
         "peak_bytes": peak.bytes,
@@ -73,6 +81,9 @@ def main() -> None:
         "--sizes", type=int, nargs="+", help="coarse square sizes (default: 8 16 32 on CPU, "
         "16 32 64 on GPU)",
     )  # fmt: skip
+    parser.add_argument(
+        "--mags", type=int, nargs="+", help="magnifications (default: the preset's)"
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -82,18 +93,20 @@ def main() -> None:
     sizes = args.sizes or ([16, 32, 64] if dev.type == "cuda" else [8, 16, 32])
 
     rows, cases = [], []
-    for size in sizes:
+    for mag, size in [(m, s) for m in (args.mags or [None]) for s in sizes]:
         res = {}
         for kind in ("reslim", "upsample_vit"):
             res[kind] = run_isolated(
                 run_case, kind=kind, size=size, preset=args.preset, batch=args.batch,
-                device=str(dev), repeats=args.repeats, threads=args.threads,
+                device=str(dev), repeats=args.repeats, threads=args.threads, mag=mag,
             )  # fmt: skip
             cases.append(res[kind])
         r, u = res["reslim"], res["upsample_vit"]
         rows.append(
             {
+                "mag": r["mag"],
                 "coarse": f"{size}x{size}",
+                "fine": f"{r['fine']}x{r['fine']}",
                 "tokens R/U": f"{r['tokens']}/{u['tokens']}",
                 "Reslim s": r["step_s"],
                 "UpsampleViT s": u["step_s"],
@@ -110,7 +123,7 @@ def main() -> None:
     )  # fmt: skip
     save(
         "reslim_vs_baseline",
-        {"args": vars(args), "sizes": sizes, "cases": cases, "table": rows},
+        {"args": vars(args), "sizes": sizes, "cases": cases, "ratios": rows},
         dev,
     )
 

@@ -84,6 +84,8 @@ def main() -> None:
                     "sequences": x.shape[0],
                     "tokens_per_sequence": seq,
                     "s_per_sample": timing["min_s"],
+                    "samples_per_s": 1 / timing["min_s"],
+                    "domain_pixels": side * side,
                     "timing": timing,
                 }
             )
@@ -114,7 +116,7 @@ def main() -> None:
         title=f"fwd+bwd per domain sample, preset {args.preset}, tile {args.tile} + halo "
         f"{args.halo} (coarse px), {dev}; ideal linear growth = area",
     )  # fmt: skip
-    save("tiles_scaling", {"args": vars(args), "cases": cases, "table": rows}, dev)
+    save("tiles_scaling", {"args": vars(args), "cases": cases, "ratios": rows}, dev)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,19 @@ def random_batch(
     y = torch.randn(batch, len(cfg.out_vars), fine, fine, device=device)
     return x, static, y
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The workflow's benchmark rules point this at results/benchmarks/<size>/ (BENCH_RESULTS_DIR);
+# run by hand, the scripts write next to themselves.
+RESULTS_DIR = Path(
+    os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results"
+)
 
 __all__ = [
     "RESULTS_DIR",
     "PeakMemory",
     "fmt_bytes",
     "machine_info",
+    "measured_peak",
+    "software_versions",
     "pick_device",
     "print_table",
     "run_isolated",
@@ -167,9 +173,22 @@ def run_isolated(fn: Callable[..., Any], **kwargs: Any) -> Any:
     return value
 
 
+def _cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on (written into every JSON result)."""
+    """What the numbers were measured on (written into every JSON result); ``label`` is the
+    one line every figure prints."""
     info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -187,7 +206,41 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             gpu_count=torch.cuda.device_count(),
             cuda=torch.version.cuda,
         )
+    where = info.get("gpu") or f"{info['cpu_model']} ({info['cpu_count']} cores)"
+    info["label"] = f"{info['hostname']}: {where}, torch {info['torch']}"
     return info
+
+
+def measured_peak(device: torch.device, n: int | None = None, repeats: int = 5) -> dict[str, Any]:
+    """This machine's dense fp32 matmul rate, measured now (best of ``repeats``): the ceiling
+    every benchmark JSON carries, so its numbers can be read against the machine that made them.
+    """
+    n = n or int(os.environ.get("BENCH_PEAK_N", 0)) or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    timing = time_fn(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return {"matmul_n": n, "dtype": "float32", "flops_per_s": 2 * n**3 / timing["min_s"]}
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of what the numbers depend on (and the source commit, when in a git checkout)."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "snakemake", "deepspeed"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    try:
+        out["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or "unknown"  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = "unknown"
+    return out
 
 
 def fmt_bytes(n: float) -> str:
@@ -233,6 +286,8 @@ def write_results(name: str, payload: dict[str, Any], device: torch.device) -> P
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(device),
+        "peak": payload.pop("peak", None) or measured_peak(device),
+        "versions": software_versions(),
         **payload,
     }
     write_json(json.loads(json.dumps(doc, default=str)), path)  # atomic (the project's writer)

@@ -133,7 +133,7 @@ rule tiles_seam_check:
 
 rule scaling_figure:
     input:
-        benchmark_results,
+        scaling_inputs,
     output:
         csv=report(
             "results/evaluation/scaling.csv",
@@ -154,7 +154,8 @@ rule scaling_figure:
         "../../envs/cpu.yaml"
     params:
         cfg=stage_config("evaluate"),
-        results_dir=config["evaluate"]["benchmarks"],
+        # the folder read (not only the demo benchmarks' inputs: any JSON found there)
+        results_dir=lambda wildcards: config["evaluate"]["benchmarks"],
     shell:
         "python -m downscaler.cli scaling --config {params.cfg:q}"
         " --results-dir {params.results_dir:q} --csv {output.csv} --figure {output.figure}"

@@ -21,7 +21,7 @@ import xarray as xr
 
 from downscaler.evaluation.baselines import METHODS as INTERPOLATIONS
 from downscaler.evaluation.baselines import upsample
-from downscaler.evaluation.benchmarks import load_benchmarks
+from downscaler.evaluation.benchmarks import load_benchmarks, machine_labels
 from downscaler.evaluation.figures import (
     draw_bias_maps,
     draw_pdfs,
@@ -318,4 +318,5 @@ def write_scaling(results_dir: str, csv_path: str, figure: str) -> list[Path]:
         print(f"scaling: skipped {problem}")
     with atomic_path(csv_path) as tmp:
         bench.to_csv(tmp, index=False)
-    return list(plot_scaling(bench, figure, problems, results_dir))
+    machines = machine_labels(results_dir) if Path(results_dir).is_dir() else []
+    return list(plot_scaling(bench, figure, problems, results_dir, machines))

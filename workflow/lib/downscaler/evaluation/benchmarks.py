@@ -44,6 +44,9 @@ SERIES_KEYS = ("series", "method", "model", "variant", "mode", "label", "name", 
                "parallelism", "strategy")
 EFFICIENCY_KEYS = ("efficiency", "scaling_efficiency", "parallel_efficiency")
 BATCH_KEYS = ("batch_size", "global_batch_size", "batch")
+# Run-level context, not part of a record: the machine / peak / versions block (read by
+# `machine_labels`; a "machine.label" would read as a series name) and summaries.
+CONTEXT_KEYS = ("machine", "peak", "versions", "summary", "command", "ratios", "table")
 LIST_KEYS = ("runs", "results", "records", "cases", "measurements", "data", "entries",
              "points", "table")
 
@@ -67,8 +70,8 @@ def _records(obj) -> list[dict]:
         return []
     for key in LIST_KEYS:
         if isinstance(obj.get(key), list):
-            shared = _flatten({k: v for k, v in obj.items()
-                               if k != key and not isinstance(v, list)})
+            shared = _flatten({k: v for k, v in obj.items() if k != key
+                               and k not in CONTEXT_KEYS and not isinstance(v, list)})
             return [{**shared, **r} for r in _records(obj[key])]
     return [_flatten(obj)]
 
@@ -143,7 +146,8 @@ def _row(record: dict, file: str) -> dict:
         "file": file,
         "series": f"{file}: {series[0]}" if series else file,
         "processes": _number(_find(record, PROCESS_KEYS)[1]),
-        "domain": _domain(record),
+        # the script's options (e.g. "args.size" of a training step) are no domain size
+        "domain": _domain({k: v for k, v in record.items() if not k.startswith("args.")}),
         "throughput": throughput,
         "throughput_unit": unit.replace("_per_s", "/s"),
         "efficiency": eff,
@@ -165,6 +169,20 @@ def load_benchmarks(directory: str | os.PathLike) -> tuple[pd.DataFrame, list[st
             problems.append(f"{path.name}: no records")
         rows += [_row(r, path.stem) for r in records]
     return pd.DataFrame(rows, columns=COLUMNS), problems
+
+
+def machine_labels(directory: str | os.PathLike) -> list[str]:
+    """The machines the JSON under `directory` were measured on (their one-line labels)."""
+    labels = set()
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            machine = json.loads(path.read_text()).get("machine")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(machine, dict):
+            labels.add(machine.get("label") or f"{machine.get('hostname', '?')}: "
+                       f"{machine.get('cpu', '?')}, torch {machine.get('torch', '?')}")
+    return sorted(labels)
 
 
 def scaling_efficiency(df: pd.DataFrame, by: str) -> pd.Series:

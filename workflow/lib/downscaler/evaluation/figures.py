@@ -513,12 +513,11 @@ def _message_figure(title: str, lines: list[str]) -> plt.Figure:
 
 
 NO_BENCHMARKS_HINT = [
-    "No benchmark results yet. Run the scaling benchmarks, e.g.",
-    "  python benchmarks/bench_tiles_scaling.py",
-    "  python benchmarks/bench_reslim_vs_baseline.py",
-    "  python benchmarks/bench_dchag_memory.py",
-    "They write benchmarks/results/*.json; then re-run the workflow",
-    "(the scaling rule re-runs when that set of files changes).",
+    "No benchmark results yet. The benchmark rules write them, e.g.",
+    "  snakemake --cores all results/benchmarks/demo/tiles_scaling.json",
+    "  snakemake --cores all bench      (the paper-size set)",
+    "or run a script by hand: python benchmarks/bench_tiles_scaling.py",
+    "(evaluate.benchmarks names the folder the scaling figure reads).",
 ]
 
 
@@ -527,12 +526,14 @@ def plot_scaling(
     path: str | os.PathLike,
     problems: list[str] | None = None,
     results_dir: str | None = None,
+    machines: list[str] | None = None,
 ) -> tuple[Path, Path]:
     """Strong scaling (throughput and efficiency vs processes / GPUs) and domain-size scaling
     (grid points per second and efficiency vs domain size), one line per benchmark series.
 
     `bench` is `benchmarks.load_benchmarks`' table. Ideal linear scaling is drawn dashed. With
-    nothing to draw, the figure says so and how to produce benchmark results.
+    nothing to draw, the figure says so and how to produce benchmark results. `machines` (the
+    JSON's machine labels) is printed on the figure: which machine produced the numbers.
     """
     from downscaler.evaluation.benchmarks import scaling_efficiency
 
@@ -570,7 +571,7 @@ def plot_scaling(
         ax_eff.set_xscale("log", base=2)
         unit = by_proc["throughput_unit"].mode().iloc[0] or "samples/s"
         ax_tp.set_ylabel(f"throughput ({unit})")
-        ax_eff.set_ylabel("strong-scaling efficiency (%)")
+        ax_eff.set_ylabel("parallel efficiency (%; strong or weak per series)")
         ax_tp.set_title("Throughput vs processes (dashed: ideal)")
         ax_eff.set_title("Efficiency vs processes")
         ax_tp.legend(fontsize=7)
@@ -595,8 +596,10 @@ def plot_scaling(
     for ax in (ax_dom, ax_deff):
         ax.set_xlabel("domain size (grid points)")
         ax.grid(True, which="both", alpha=0.3)
-    title = "Scaling (benchmarks/results)"
+    title = f"Scaling ({results_dir or 'benchmark results'})"
     if problems:
         title += f" — {len(problems)} file(s) skipped"
     fig.suptitle(title)
+    fig.text(0.01, -0.01, "measured on " + (" / ".join(machines or []) or "an unrecorded machine"),
+             fontsize=8, ha="left", va="top", color="0.3")
     return _save(fig, path)

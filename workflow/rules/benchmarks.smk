@@ -1,0 +1,131 @@
+# Benchmarks as rules: each runs benchmarks/bench_<name>.py at a size from config["benchmarks"]
+# ("demo": seconds, for the demo's scaling figure; "paper": a laptop, for `make paper`) and writes
+# results/benchmarks/<size>/<name>.json (machine, device, measured matmul peak, date, versions)
+# next to Snakemake's own benchmark TSV. `threads: workflow.cores` keeps them from sharing the
+# machine with other rules, which would distort the timings.
+wildcard_constraints:
+    size="demo|paper",
+    variant="[a-z]+",
+
+
+rule bench_mfu:
+    output:
+        f"{BENCH_DIR}/{{size}}/mfu.json",
+    log:
+        "logs/benchmarks/{size}/mfu.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/mfu.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: workflow.cores
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "mfu"),
+    shell:
+        bench_shell("mfu")
+
+
+rule bench_reslim_vs_baseline:
+    output:
+        f"{BENCH_DIR}/{{size}}/reslim_vs_baseline.json",
+    log:
+        "logs/benchmarks/{size}/reslim_vs_baseline.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/reslim_vs_baseline.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: workflow.cores
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "reslim_vs_baseline"),
+    shell:
+        bench_shell("reslim_vs_baseline")
+
+
+rule bench_tiles_scaling:
+    output:
+        f"{BENCH_DIR}/{{size}}/tiles_scaling.json",
+    log:
+        "logs/benchmarks/{size}/tiles_scaling.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/tiles_scaling.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: workflow.cores
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "tiles_scaling"),
+    shell:
+        bench_shell("tiles_scaling")
+
+
+rule bench_dchag_memory:
+    output:
+        f"{BENCH_DIR}/{{size}}/dchag_memory_{{variant}}.json",
+    log:
+        "logs/benchmarks/{size}/dchag_memory_{variant}.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/dchag_memory_{{variant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: workflow.cores
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "dchag_memory")
+        + f" --variant {wildcards.variant}",
+    shell:
+        bench_shell("dchag_memory")
+
+
+rule bench_train_scaling:
+    output:
+        f"{BENCH_DIR}/{{size}}/train_scaling.json",
+    log:
+        "logs/benchmarks/{size}/train_scaling.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/train_scaling.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: workflow.cores
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "train_scaling"),
+    shell:
+        bench_shell("train_scaling")
+
+
+rule bench_inference:
+    output:
+        f"{BENCH_DIR}/{{size}}/inference.json",
+    log:
+        "logs/benchmarks/{size}/inference.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/inference.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: workflow.cores
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "inference"),
+    shell:
+        bench_shell("inference")
+
+
+# Sequence-length scaling (Ulysses / LSS) comes from benchmarks/bench_sequence.py when this
+# checkout has it; otherwise the JSON records why there is nothing, and the figure says so.
+rule bench_sequence:
+    output:
+        f"{BENCH_DIR}/{{size}}/sequence.json",
+    log:
+        "logs/benchmarks/{size}/sequence.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/sequence.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: workflow.cores
+    params:
+        script=os.path.join(BENCH_SCRIPTS, "bench_sequence.py"),
+        runner=os.path.join(BENCH_SCRIPTS, "run_optional.py"),
+        options=lambda wildcards: bench_options(wildcards.size, "sequence"),
+    shell:
+        "python {params.runner:q} --script {params.script:q} --out {output:q}"
+        " -- {params.options} > {log} 2>&1"
+
+
+rule bench:
+    input:
+        bench_results("paper"),

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-slurm gpu-check lint clean
 
 $(STAMP): envs/requirements.txt envs/requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The workflow through a real (two emulated nodes) Slurm started and stopped by the tests:
+# root on Debian/Ubuntu, installs slurm-wlm and munge with apt-get when missing; ~11 minutes.
+# Run it before every change to frontier/ or tests/slurm/profile/. Its own --basetemp: a
+# concurrent pytest would otherwise prune the running jobs' folders (it keeps the last 3).
+test-slurm: $(STAMP)
+	DOWNSCALER_SLURM_TESTS=1 PATH="$(CURDIR)/$(BIN):$$PATH" \
+		$(BIN)/pytest --basetemp=.pytest_cache/slurm-tmp tests/test_slurm.py \
+		tests/test_frontier_profile.py
+
+# Parity over NCCL/RCCL, a bf16 + flash-SDPA step and MFU on this machine's GPUs, as one table;
+# says so and exits 0 without a GPU.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -68,7 +68,9 @@ def write_big_input(folder) -> tuple[str, str, float]:
 def test_pairs_stage_regrids_data_larger_than_its_memory_cap(tmp_path):
     fields_path, static_path, gigabytes = write_big_input(tmp_path)
     config = {
-        "variables": ["2m_temperature"],
+        "targets": {"variables": ["2m_temperature"]},
+        "inputs": {"variables": ["2m_temperature"], "calendar": False},
+        "frequency": "daily",
         "statics": ["orography", "land_sea_mask", "latitude"],
         "regrid": {"factor": FACTOR, "backend": "xarray-regrid", "time_chunk": 8,
                    "nan_threshold": 0.5, "scheduler": "threads"},
@@ -77,7 +79,7 @@ def test_pairs_stage_regrids_data_larger_than_its_memory_cap(tmp_path):
                   "test": {"start": "2003-03-01", "end": "2003-04-14"}},
     }
     out = {name: str(tmp_path / name) for name in ("fine.nc", "coarse.nc", "stats.json")}
-    argv = ["pairs", "--config", json.dumps(config), "--fields", fields_path,
+    argv = ["pairs", "--config", json.dumps(config), "--fields", fields_path, "--inputs", "none",
             "--static", static_path, "--fine", out["fine.nc"], "--coarse", out["coarse.nc"],
             "--stats", out["stats.json"]]
     # one malloc arena, one BLAS thread: their reservations count against RLIMIT_AS

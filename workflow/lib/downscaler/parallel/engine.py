@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..train_config import ParallelConfig, TrainConfig
-from . import train_state as ckpt
+from . import train_state
 from .clip import clip_grad_norm_
 from .dchag import is_tp_distinct
 from .layout import Layout, build_mesh, resolve_sizes
@@ -63,8 +63,7 @@ class TorchEngine:
         if world > 1:
             self.mesh = build_mesh(self.layout, device.type)
             self.dp_size = self.layout.dp
-            self.dp_rank = (self.mesh["dp_replicate"].get_local_rank() * self.layout.dp_shard
-                            + self.mesh["dp_shard"].get_local_rank())
+            self.dp_rank = self.layout.dp_rank(self.mesh)
             if self.layout.dchag is not None:
                 self.tp_group = self.mesh["tp"].get_group()
         self.model = parallelize(base, self.layout, self.mesh,
@@ -72,7 +71,7 @@ class TorchEngine:
                                  param_dtype=self.autocast_dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr,
                                            betas=train.betas, weight_decay=train.weight_decay)
-        self.dchag = ckpt.dchag_metadata(self.model)
+        self.dchag = train_state.dchag_metadata(self.model)
 
     def step(self, loss: torch.Tensor) -> torch.Tensor | None:
         """Backward, the reductions DDP/FSDP2 leave, clipping, the optimizer step; returns the
@@ -92,14 +91,14 @@ class TorchEngine:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def save(self, state_dir: Path, meta: dict, rank_state: dict) -> Path:
-        return ckpt.save_train_state(state_dir, self.model, self.optimizer, meta, rank_state)
+        return train_state.save_train_state(state_dir, self.model, self.optimizer, meta, rank_state)
 
     def load(self, path: Path) -> tuple[dict, dict | None]:
-        return ckpt.load_train_state(path, self.model, self.optimizer)
+        return train_state.load_train_state(path, self.model, self.optimizer)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Consolidated single-process weights on rank 0 (empty elsewhere); collective."""
-        return ckpt.full_model_state(self.model)
+        return train_state.full_model_state(self.model)
 
 
 class DeepSpeedEngine:
@@ -144,14 +143,14 @@ class DeepSpeedEngine:
     def save(self, state_dir: Path, meta: dict, rank_state: dict) -> Path:
         from .deepspeed_engine import save_checkpoint
 
-        return ckpt.save_train_state(
+        return train_state.save_train_state(
             state_dir, self.model, self.optimizer, meta, rank_state,
             engine_save=lambda path: save_checkpoint(self.ds_engine, str(path)))
 
     def load(self, path: Path) -> tuple[dict, dict | None]:
         from .deepspeed_engine import load_checkpoint
 
-        return ckpt.load_train_state(
+        return train_state.load_train_state(
             path, self.model, self.optimizer,
             engine_load=lambda p: load_checkpoint(self.ds_engine, str(p)))
 

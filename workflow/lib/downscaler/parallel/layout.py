@@ -68,6 +68,12 @@ class Layout:
         """Data-parallel degree: how many different slices of the batch are processed at once."""
         return self.dp_replicate * self.dp_shard
 
+    def dp_rank(self, mesh: DeviceMesh) -> int:
+        """This rank's data-parallel index ``dp_replicate_rank * dp_shard + dp_shard_rank``
+        (every tp and sp rank of one data-parallel rank shares it)."""
+        return (mesh["dp_replicate"].get_local_rank() * self.dp_shard
+                + mesh["dp_shard"].get_local_rank())
+
     def _size_problems(self) -> list[str]:
         problems = []
         for name in MESH_DIMS:

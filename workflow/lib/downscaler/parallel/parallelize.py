@@ -176,8 +176,7 @@ def shard_batch(
     for name, t in (("static", static), ("y", y)):
         if t is not None and t.shape[0] != batch:
             raise ValueError(f"{name} has batch size {t.shape[0]} but x has {batch}")
-    rank = mesh["dp_replicate"].get_local_rank() * layout.dp_shard
-    rank += mesh["dp_shard"].get_local_rank()
+    rank = layout.dp_rank(mesh)
     local = batch // layout.dp
     sl = slice(rank * local, (rank + 1) * local)
     return x[sl], None if static is None else static[sl], None if y is None else y[sl]

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "tp")
-DCHAG_MODES = ("linear", "cross")
+DCHAG_MODES = ("linear", "cross", "tree-linear", "tree-cross")
 SP_MODES = ("ulysses", "lss")
 
 
@@ -47,8 +47,9 @@ class Layout:
     - ``sp``: sequence parallel (tokens of the transformer blocks split over ranks);
     - ``sp_mode``: ``"ulysses"`` (all-to-all, heads split over sp: needs ``num_heads`` divisible
       by ``tp*sp``) or ``"lss"`` (K/V all-gathered, all heads local: ``num_heads`` by ``tp``);
-    - ``dchag``: ``None``, ``"linear"`` or ``"cross"``: D-CHAG channel aggregation over the tp
-      group (needs ``tp > 1``).
+    - ``dchag``: ``None`` or one of ``DCHAG_MODES`` (``"linear"``, ``"cross"``,
+      ``"tree-linear"``, ``"tree-cross"``): D-CHAG channel aggregation over the tp group (needs
+      ``tp > 1``).
     """
 
     dp_replicate: int = 1
@@ -81,7 +82,9 @@ class Layout:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         if self.dchag is not None and self.dchag not in DCHAG_MODES:
-            problems.append(f"dchag must be null, 'linear' or 'cross', got {self.dchag!r}")
+            problems.append(
+                f"dchag must be null or one of {', '.join(DCHAG_MODES)}, got {self.dchag!r}"
+            )
         if self.sp_mode not in SP_MODES:
             problems.append(f"sp_mode must be 'ulysses' or 'lss', got {self.sp_mode!r}")
         return problems

@@ -52,8 +52,10 @@ def read_run(out: Path) -> dict[str, Any]:
     with open(out / "model" / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     payload = torch.load(out / "model" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    log = out / "logs" / "rank0.log"
     return {"rows": rows, "state": payload["model_state"], "dchag": payload.get("dchag"),
-            "step": payload["step"], "val_loss": payload["val_loss"]}
+            "step": payload["step"], "val_loss": payload["val_loss"],
+            "log": log.read_text() if log.exists() else ""}
 
 
 def run_case(out: Path, config: dict, stores: tuple[str, str], dtype: torch.dtype,
@@ -100,6 +102,24 @@ def initial_weights(path: Path) -> str:
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
     save_checkpoint(path, model)
     return str(path)
+
+
+def fsdp_only_budget_gib(world: int) -> float:
+    """A ``parallel.memory_gib`` between the planner's FSDP (dp_shard=world) and DDP estimates
+    for the test model (float64, 16 tokens, global batch 4): ``layout: auto`` must choose FSDP."""
+    from downscaler.model.presets import build_model
+    from downscaler.parallel.layout import Layout
+    from downscaler.parallel.planner import GIB, ModelSize, estimate_memory
+
+    overrides = {k: v for k, v in MODEL.items() if k != "preset"}
+    with torch.device("meta"):
+        model = build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], ["orog", "lsm"], mag=4,
+                            **overrides)
+    size = ModelSize.from_model(model)
+    ddp, fsdp = (estimate_memory(size, 16, layout, 4 // world, False, 8, 8)["total"]
+                 for layout in (Layout(dp_replicate=world), Layout(dp_shard=world)))
+    assert fsdp < ddp
+    return (ddp + fsdp) / 2 / GIB
 
 
 def world_cases(rank: int, world: int, cases: list[dict], stores: tuple[str, str],

@@ -4,8 +4,8 @@ Each case (tests/engine_cases.py) trains 6 steps with clipping that bites, valid
 the data-parallel ranks get padded shards), is stopped at step 3 and resumed; its logged train
 losses, gradient norms, validation losses and published best checkpoint must equal a
 single-process run of the same config: to 1e-10 in float64 for the torch engine (DDP, FSDP2,
-HSDP, TP, SP (Ulysses and LSS) and their combinations, D-CHAG linear and cross with TP and
-FSDP), to float32
+HSDP, TP, SP (Ulysses and LSS) and their combinations, D-CHAG linear, cross and tree-cross
+with TP and FSDP, ``parallel.layout: auto``), to float32
 rounding for DeepSpeed ZeRO 1-3 (its engine trains in float32: logged numbers to 5e-6, weights
 to rtol 2e-3 / atol 1e-5). D-CHAG is compared with the
 single-process D-CHAG model (``parallel.dchag.reference_model``), the model its checkpoint holds.
@@ -38,6 +38,10 @@ WORLD2 = [
     {"name": "lss", "parallel": {"sp": 2, "sp_mode": "lss"}},
     {"name": "dchag_linear_tp", "parallel": {"tp": 2, "dchag": "linear"}},
     {"name": "dchag_cross_tp", "parallel": {"tp": 2, "dchag": "cross"}},
+    {"name": "dchag_tree_cross_tp", "parallel": {"tp": 2, "dchag": "tree-cross"}},
+    {"name": "auto", "parallel": {"layout": "auto"}},
+    {"name": "auto_fsdp",
+     "parallel": {"layout": "auto", "memory_gib": cases.fsdp_only_budget_gib(2)}},
     *({"name": f"zero{k}", "parallel": {"engine": "deepspeed", "zero_stage": k}, "dtype": F32}
       for k in (1, 2, 3) if HAS_DEEPSPEED),
 ]
@@ -51,6 +55,11 @@ WORLD4 = [
     {"name": "dchag_linear_fsdp", "parallel": {"dp_shard": 2, "tp": 2, "dchag": "linear"}},
     {"name": "dchag_cross_fsdp", "parallel": {"dp_shard": 2, "tp": 2, "dchag": "cross"}},
 ]
+_AUTO = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "sp": 1, "sp_mode": "ulysses",
+         "dchag": None, "activation_checkpointing": False}
+# what `layout: auto` must choose on 2 processes: plain DDP when memory is plentiful, FSDP when
+# the budget (memory_gib) lies between the FSDP and DDP estimates
+AUTO_CHOICE = {"auto": {**_AUTO, "dp_replicate": 2}, "auto_fsdp": {**_AUTO, "dp_shard": 2}}
 for _case in (*WORLD2, *WORLD4):
     _case.setdefault("dtype", F64)
     _case["clip"] = CLIP
@@ -87,8 +96,8 @@ def _reference(root: Path, stores, init: str, dtype: torch.dtype,
 
     build = train_mod.build_engine
     if dchag is not None:
-        def patched(base, *args):
-            return build(reference_model(base, 2, dchag), *args)
+        def patched(base, *args, **kwargs):
+            return build(reference_model(base, 2, dchag), *args, **kwargs)
         train_mod.build_engine = patched
     try:
         config = cases.make_config(root, {}, CLIP, 1, init)
@@ -103,7 +112,8 @@ def references(stores, init, tmp_path_factory) -> dict:
     return {"f64": _reference(root / "f64", stores, init, F64),
             "f32": _reference(root / "f32", stores, init, F32),
             "linear": _reference(root / "linear", stores, init, F64, "linear"),
-            "cross": _reference(root / "cross", stores, init, F64, "cross")}
+            "cross": _reference(root / "cross", stores, init, F64, "cross"),
+            "tree-cross": _reference(root / "tree-cross", stores, init, F64, "tree-cross")}
 
 
 def _world(world: int, table: list[dict], stores, init: str, root: Path) -> dict:
@@ -160,6 +170,9 @@ def test_two_process_layout_matches_one_process(world2, references, case):
     got = world2[name]
     if case["parallel"].get("dchag"):
         assert got["dchag"] == {"variant": case["parallel"]["dchag"], "tp": 2}
+    if name in AUTO_CHOICE:  # the planner's choice and reason are in the run's log
+        assert f"parallel.layout auto: {AUTO_CHOICE[name]}" in got["log"]
+        assert "planner's reason: " in got["log"]
     _check(got, want, case)
 
 

@@ -88,3 +88,31 @@ def test_cli_prints_the_plan(capsys):
     out = capsys.readouterr().out
     assert "proposed parallel config:" in out and "reason:" in out
     assert plan.layout.world_size == 4
+
+
+def test_global_batch_skips_layouts_that_cannot_split_it():
+    size = ModelSize.from_preset("tiny", 4, 2, 2, **cases.MODEL)
+    # 4 processes, global batch 2: dp 4 cannot take it, so some model parallelism is needed
+    plan = plan_layout(size, 64, 4, 64 * GIB, global_batch=2)
+    assert 2 % plan.layout.dp == 0 and plan.layout.dp < 4
+    assert plan_layout(size, 64, 4, 64 * GIB, global_batch=4).layout.dp == 4  # plain DDP
+
+
+def _config(parallel: dict) -> dict:
+    from downscaler.config import validate_config
+
+    return validate_config({
+        "seed": 1, "model": {"preset": "tiny", "num_heads": 4},
+        "variables": ["2m_temperature", "total_precipitation"],
+        "statics": ["orography", "land_sea_mask"],
+        "parallel": {"processes": 2, "device": "cpu", **parallel}})
+
+
+def test_layout_auto_is_accepted_and_owns_the_layout_keys():
+    from downscaler.config import ConfigError
+
+    assert _config({"layout": "auto"})["parallel"]["layout"] == "auto"
+    with pytest.raises(ConfigError, match=r"layout is 'auto'.*tp: 2"):
+        _config({"layout": "auto", "tp": 2})
+    with pytest.raises(ConfigError, match="layout: manual"):
+        _config({"layout": "auto", "engine": "deepspeed"})

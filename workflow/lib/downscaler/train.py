@@ -229,7 +229,9 @@ class _Loop:
                      opts.init_from, len(self.init_report["loaded"]),
                      len(self.init_report["skipped"]), self.init_report["skipped"],
                      len(self.init_report["new"]), self.init_report["new"])
-        self.engine = build_engine(base, opts, par, device, world)
+        # transformer tokens of one tile: what parallel.layout: auto plans for
+        h, w, p = *self.train_set.x.shape[-2:], base.cfg.patch_size
+        self.engine = build_engine(base, opts, par, device, world, tokens=(h // p) * (w // p))
 
         self.sampler = ResumableSampler(len(self.train_set), opts.batch_size,
                                         self.engine.dp_rank, self.engine.dp_size, self.seed)

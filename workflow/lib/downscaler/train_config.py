@@ -56,6 +56,8 @@ class ParallelConfig:
     dchag: str | None
     sp_mode: str
     activation_checkpointing: bool
+    layout: str
+    memory_gib: float
 
     def sizes(self) -> dict[str, Any]:
         """The layout part (``dp_replicate`` may still be 0 = auto)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -22,9 +23,11 @@ from .reslim import Reslim
 
 __all__ = [
     "PRIVATE_PREFIXES",
+    "TREE_GROUP",
     "VARIANTS",
     "ChannelBlock",
     "ChannelLinear",
+    "ChannelTree",
     "DchagPartition",
     "DchagReference",
     "channel_blocks",
@@ -32,7 +35,9 @@ __all__ = [
     "reference_reslim",
 ]
 
-VARIANTS = ("linear", "cross")
+VARIANTS = ("linear", "cross", "tree-linear", "tree-cross")
+# Channels merged per node of the tree variants (a binary tree: log2(k) levels for k channels).
+TREE_GROUP = 2
 # State-dict prefixes of the modules apply_dchag replaces: per-rank (not replicated) weights.
 PRIVATE_PREFIXES = ("tokenizer.", "aggregator.")
 
@@ -114,12 +119,53 @@ class ChannelLinear(nn.Module):
         return self.linear(tokens.movedim(1, -1)).squeeze(-1)
 
 
+class ChannelTree(nn.Module):
+    """Tree reducer: ``tokens [B, k, L, D] -> [B, L, D]`` by merging groups of ``group`` channel
+    tokens level by level (the "tree" D-CHAG variants) until one token is left.
+
+    Level ``i`` cuts its input tokens, in channel order, into consecutive groups of ``group``
+    (the last one may be smaller) and reduces each with its own reducer from ``make(n)`` (``n``:
+    the group's size); the group tokens are the next level's input. Each node sees only a few
+    tokens, so no single step holds attention (or a Linear) over the whole block.
+    """
+
+    def __init__(self, n_channels: int, make: Callable[[int], nn.Module], group: int) -> None:
+        super().__init__()
+        if group < 2:
+            raise ValueError(f"a channel tree needs groups of >= 2 channels, got group={group}")
+        self.group = group
+        self.levels = nn.ModuleList()
+        n = n_channels
+        while n > 1:
+            sizes = [min(group, n - lo) for lo in range(0, n, group)]
+            self.levels.append(nn.ModuleList(make(size) for size in sizes))
+            n = len(sizes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Reduce ``[B, k, L, D]`` over ``k``, ``group`` channels at a time."""
+        for level in self.levels:
+            groups = tokens.split(self.group, dim=1)
+            tokens = torch.stack([node(g) for node, g in zip(level, groups, strict=True)], dim=1)
+        return tokens[:, 0]
+
+
+def _reducer(variant: str, n_channels: int, dim: int, num_heads: int) -> nn.Module:
+    """The private reducer of ``variant`` over a block of ``n_channels`` channel tokens."""
+    if variant == "linear":
+        return ChannelLinear(n_channels)
+    if variant == "cross":
+        return VariableAggregator(dim, num_heads)
+    if variant == "tree-linear":
+        return ChannelTree(n_channels, ChannelLinear, TREE_GROUP)
+    return ChannelTree(n_channels, lambda _n: VariableAggregator(dim, num_heads), TREE_GROUP)
+
+
 class DchagPartition(nn.Module):
     """One rank's private D-CHAG stage: embed its channel block, reduce it to one token per patch.
 
     ``forward(x [B, V, h, w], static [B, S, mag*h, mag*w]) -> [B, L, D]``. Holds
     ``inputs`` / ``statics`` (``VariableTokenizer`` over the block's inputs / statics, or None)
-    and ``reduce`` (``ChannelLinear`` or ``VariableAggregator``).
+    and ``reduce`` (``ChannelLinear``, ``VariableAggregator`` or a ``ChannelTree`` of either).
     """
 
     def __init__(
@@ -140,9 +186,7 @@ class DchagPartition(nn.Module):
             VariableTokenizer(block.n_statics, dim, patch * mag) if block.n_statics else None
         )
         n = block.n_inputs + block.n_statics
-        self.reduce: nn.Module = (
-            ChannelLinear(n) if variant == "linear" else VariableAggregator(dim, num_heads)
-        )
+        self.reduce = _reducer(variant, n, dim, num_heads)
 
     @classmethod
     def from_model(cls, model: Reslim, block: ChannelBlock, variant: str) -> DchagPartition:
@@ -162,8 +206,11 @@ class DchagPartition(nn.Module):
         part.to(dtype=ref.dtype)
         _copy_tokenizer_rows(part.inputs, src.inputs, block[0], block[1])
         _copy_tokenizer_rows(part.statics, src.statics, block[2], block[3])
-        if variant == "cross":
-            part.reduce.load_state_dict(model.aggregator.state_dict())
+        # Cross-attention reducers (every node of a tree-cross) start as the model's aggregator;
+        # linear ones keep their mean initialisation.
+        for module in part.reduce.modules():
+            if isinstance(module, VariableAggregator):
+                module.load_state_dict(model.aggregator.state_dict())
         return part
 
     def forward(self, x: Tensor, static: Tensor) -> Tensor:
@@ -200,7 +247,8 @@ def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(
             f"unknown D-CHAG variant={variant!r}; choose 'linear' (D-CHAG-L, a Linear over the "
-            "channel axis) or 'cross' (D-CHAG-C, cross-attention with one learned query)"
+            "channel axis), 'cross' (D-CHAG-C, cross-attention with one learned query), or "
+            "'tree-linear' / 'tree-cross' (the same reducers merging channels in a binary tree)"
         )
 
 

@@ -10,7 +10,10 @@ the tensor-parallel (TP) group of size ``tp``:
    channels (with the original per-channel convolutions and channel embeddings).
 2. Each rank reduces its block to one partial token per patch with PRIVATE weights:
    ``"linear"`` (D-CHAG-L, a Linear over the channel axis) or ``"cross"`` (D-CHAG-C, a
-   cross-attention with one learned query).
+   cross-attention with one learned query), or the tree variants ``"tree-linear"`` /
+   ``"tree-cross"``: the same reducers applied hierarchically, merging groups of ``TREE_GROUP``
+   channel tokens level by level until one token is left (``ChannelTree``). The tree lives
+   inside the private partition, so the collectives below are the same for every variant.
 3. One all_gather over the TP group gives ``[B, tp, L, D]``. Its backward returns the LOCAL slice
    of the incoming gradient: that is exact because the final aggregation all-reduces the gradient
    of its (replicated) input; a reduce-scatter backward would over-count it by ``tp``.
@@ -30,9 +33,10 @@ architecture from Reslim's single aggregation, so exactness is checked against
 ``load_partition`` / ``gather_state`` to move weights (or gradients) between the two layouts.
 
 Weights are initialised deterministically from the model they replace (its channel convolutions
-and embeddings; its aggregator for the final cross-attention and, for ``"cross"``, for every
-private reducer; the ``"linear"`` reducer starts as the mean of the block), so all ranks built
-from the same seed agree with ``DchagReference.from_model`` on the same model.
+and embeddings; its aggregator for the final cross-attention and, for ``"cross"`` /
+``"tree-cross"``, for every private reducer; a linear reducer starts as the mean of its
+inputs), so all ranks built from the same seed agree with ``DchagReference.from_model`` on the
+same model.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ from torch.distributed.tensor import DTensor
 
 from ..model.dchag_reference import (
     PRIVATE_PREFIXES,
+    TREE_GROUP,
     VARIANTS,
     ChannelBlock,
     ChannelLinear,
+    ChannelTree,
     DchagPartition,
     DchagReference,
     _check_heads_split,
@@ -65,9 +71,11 @@ from ..model.layers import VariableAggregator
 from ..model.reslim import Reslim
 
 __all__ = [
+    "TREE_GROUP",
     "VARIANTS",
     "ChannelBlock",
     "ChannelLinear",
+    "ChannelTree",
     "DchagAggregator",
     "DchagPartition",
     "DchagReference",
@@ -261,7 +269,7 @@ def apply_dchag(
     """Replace ``model``'s tokenisation + variable aggregation by D-CHAG over the TP group.
 
     In place (returns ``model``): this rank keeps only its channel block's embeddings, a private
-    reducer (``variant``: ``"linear"`` or ``"cross"``) and its head shard of the final
+    reducer (``variant``: one of ``VARIANTS``) and its head shard of the final
     aggregation. Every TP rank must call it on an identically initialised model and feed the same
     ``x`` / ``static``. Apply it before tensor parallelism of the blocks and before FSDP/DDP.
     """

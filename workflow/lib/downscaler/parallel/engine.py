@@ -4,7 +4,7 @@ One interface, two implementations (torchtitan's split between the model transfo
 loop): ``TorchEngine`` (one process, or DDP / FSDP2 / HSDP / TP / SP / D-CHAG through
 ``parallelize``) and ``DeepSpeedEngine`` (ZeRO 0-3). The loop in ``downscaler.train`` only calls
 
-- ``build_engine(model, train, parallel, device, world)``
+- ``build_engine(model, train, parallel, device, world, tokens)``
 - ``engine.step(loss)``: backward, gradient reductions, clipping, optimizer step;
 - ``engine.save(state_dir, meta, rank_state)`` / ``engine.load(path)``: the resumable state;
 - ``engine.full_state()``: the consolidated single-process weights (collective);
@@ -13,10 +13,15 @@ loop): ``TorchEngine`` (one process, or DDP / FSDP2 / HSDP / TP / SP / D-CHAG th
 
 D-CHAG is a model transform applied in ``parallelize``; the engine only needs to know which
 parameters hold different values per tp rank, for the gradient norm.
+
+With ``parallel.layout: auto`` the torch engine asks the layout planner for the layout at
+start-up (``planned_layout``) and logs the choice and the planner's reason.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,8 +36,11 @@ from .clip import clip_grad_norm_
 from .dchag import is_tp_distinct
 from .layout import Layout, build_mesh, resolve_sizes
 from .parallelize import parallelize, reduce_gradients
+from .planner import GIB, ModelSize, Plan, device_memory_bytes, plan_layout
 
-__all__ = ["DeepSpeedEngine", "TorchEngine", "build_engine", "autocast_dtype"]
+__all__ = ["DeepSpeedEngine", "TorchEngine", "build_engine", "autocast_dtype", "planned_layout"]
+
+log = logging.getLogger("downscaler.train.engine")  # into the run's per-rank log
 
 
 def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
@@ -44,16 +52,50 @@ def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def planned_layout(base: nn.Module, par: ParallelConfig, device: torch.device, world: int,
+                   tokens: int, global_batch: int, act_dtype: torch.dtype | None) -> Plan:
+    """The planner's layout for this run (``parallel.layout: auto``): from the world size, the
+    model, ``tokens`` per sample, the global batch and the memory per rank (``memory_gib``, or
+    the device's). Every rank computes it from the same numbers; the memory is the smallest of
+    all ranks', so they agree."""
+    memory = par.memory_gib * GIB
+    if memory <= 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        memory = device_memory_bytes(device, local)
+    if dist.is_initialized() and world > 1:
+        smallest = torch.tensor([float(memory)], dtype=torch.float64,
+                                device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        memory = smallest.item()
+    param_bytes = next(base.parameters()).element_size()
+    act_bytes = torch.tensor([], dtype=act_dtype).element_size() if act_dtype else param_bytes
+    return plan_layout(ModelSize.from_model(base), tokens, world, memory, act_bytes=act_bytes,
+                       state_bytes=param_bytes, global_batch=global_batch)
+
+
 class TorchEngine:
     """Plain torch AdamW on the model parallelized by ``downscaler.parallel.parallelize``."""
 
     kind = "torch"
 
     def __init__(self, base: nn.Module, train: TrainConfig, par: ParallelConfig,
-                 device: torch.device, world: int) -> None:
+                 device: torch.device, world: int, tokens: int | None = None) -> None:
         self.grad_clip = train.grad_clip
         self.autocast_dtype = autocast_dtype(train.precision, device)
-        self.layout = Layout.from_config(resolve_sizes(par.sizes(), world))
+        checkpointing = par.activation_checkpointing
+        self.plan: Plan | None = None
+        if par.layout == "auto":
+            if tokens is None:
+                raise ValueError("parallel.layout: auto needs the tokens per sample to plan; "
+                                 "pass tokens= to build_engine")
+            self.plan = planned_layout(base, par, device, world, tokens, train.batch_size,
+                                       self.autocast_dtype)
+            self.layout, checkpointing = self.plan.layout, self.plan.activation_checkpointing
+            log.info("parallel.layout auto: %s", self.plan.as_config())
+            log.info("planner's reason: %s", self.plan.reason)
+        else:
+            self.layout = Layout.from_config(resolve_sizes(par.sizes(), world))
+        self.activation_checkpointing = checkpointing
         self.layout.validate(world, base.cfg)
         base.to(device)
         self.mesh = None
@@ -67,7 +109,7 @@ class TorchEngine:
             if self.layout.dchag is not None:
                 self.tp_group = self.mesh["tp"].get_group()
         self.model = parallelize(base, self.layout, self.mesh,
-                                 activation_checkpointing=par.activation_checkpointing,
+                                 activation_checkpointing=checkpointing,
                                  param_dtype=self.autocast_dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr,
                                            betas=train.betas, weight_decay=train.weight_decay)
@@ -190,9 +232,11 @@ class _ManualLR:
 
 
 def build_engine(base: nn.Module, train: TrainConfig, par: ParallelConfig,
-                 device: torch.device, world: int) -> TorchEngine | DeepSpeedEngine:
+                 device: torch.device, world: int,
+                 tokens: int | None = None) -> TorchEngine | DeepSpeedEngine:
     """The engine ``parallel.engine`` names, around the freshly built (identical on every rank)
-    model ``base``."""
+    model ``base``; ``tokens`` (transformer tokens per sample) is what ``parallel.layout: auto``
+    plans for."""
     if par.dchag and world == 1:
         raise ValueError(
             f"config key parallel.dchag={par.dchag!r} splits the channels over the "
@@ -202,4 +246,6 @@ def build_engine(base: nn.Module, train: TrainConfig, par: ParallelConfig,
     if par.engine not in engines:
         raise ValueError(f"config key parallel.engine: {par.engine!r} is not 'torch' or "
                          "'deepspeed'")
+    if par.engine == "torch":
+        return TorchEngine(base, train, par, device, world, tokens)
     return engines[par.engine](base, train, par, device, world)

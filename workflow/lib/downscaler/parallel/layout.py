@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "tp")
-DCHAG_MODES = ("linear", "cross")
+DCHAG_MODES = ("linear", "cross", "tree-linear", "tree-cross")
 SP_MODES = ("ulysses", "lss")
 
 
@@ -47,8 +47,9 @@ class Layout:
     - ``sp``: sequence parallel (tokens of the transformer blocks split over ranks);
     - ``sp_mode``: ``"ulysses"`` (all-to-all, heads split over sp: needs ``num_heads`` divisible
       by ``tp*sp``) or ``"lss"`` (K/V all-gathered, all heads local: ``num_heads`` by ``tp``);
-    - ``dchag``: ``None``, ``"linear"`` or ``"cross"``: D-CHAG channel aggregation over the tp
-      group (needs ``tp > 1``).
+    - ``dchag``: ``None`` or one of ``DCHAG_MODES`` (``"linear"``, ``"cross"``,
+      ``"tree-linear"``, ``"tree-cross"``): D-CHAG channel aggregation over the tp group (needs
+      ``tp > 1``).
     """
 
     dp_replicate: int = 1
@@ -81,7 +82,9 @@ class Layout:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         if self.dchag is not None and self.dchag not in DCHAG_MODES:
-            problems.append(f"dchag must be null, 'linear' or 'cross', got {self.dchag!r}")
+            problems.append(
+                f"dchag must be null or one of {', '.join(DCHAG_MODES)}, got {self.dchag!r}"
+            )
         if self.sp_mode not in SP_MODES:
             problems.append(f"sp_mode must be 'ulysses' or 'lss', got {self.sp_mode!r}")
         return problems
@@ -246,12 +249,19 @@ def check_parallel_config(par: dict[str, Any], cfg: Any) -> None:
     that lists every problem and the nearest valid choice.
     """
     if par["engine"] == "deepspeed":
+        if par["layout"] == "auto":
+            raise LayoutError(_message([
+                "parallel.layout: auto plans layouts of the torch engine; with engine: "
+                "deepspeed (plain data parallelism under ZeRO) set parallel.layout: manual"]))
         if any(par[k] != 1 for k in ("dp_shard", "tp", "sp")) or par["dchag"]:
             raise LayoutError(_message([
                 "parallel.engine is 'deepspeed', which shards with ZeRO (parallel.zero_stage) over "
                 "plain data parallelism; set parallel.dp_shard, tp and sp to 1 and dchag: null, "
                 "or use engine: torch for FSDP/TP/SP/D-CHAG layouts"]))
         return
+    if par["layout"] == "auto":
+        _check_auto(par)
+        return  # the planner picks a valid layout when the ranks start
     world = par["processes"]
     if world <= 1:  # srun decides: check the model against the layout as given
         world = par["dp_shard"] * par["tp"] * par["sp"] * max(1, par["dp_replicate"])
@@ -260,6 +270,22 @@ def check_parallel_config(par: dict[str, Any], cfg: Any) -> None:
         layout.validate(world, cfg)
     except LayoutError as err:
         raise LayoutError(f"{err}\n  {_nearest_hint(par, world, cfg)}") from None
+
+
+# The keys ``parallel.layout: auto`` chooses, at the defaults it needs them left at.
+AUTO_KEYS = {"dp_replicate": 0, "dp_shard": 1, "tp": 1, "sp": 1, "sp_mode": "ulysses",
+             "activation_checkpointing": False, "dchag": None}
+
+
+def _check_auto(par: dict[str, Any]) -> None:
+    """``layout: auto`` owns the layout keys: any other value would be silently overridden."""
+    set_by_hand = [f"{k}: {par[k]}" for k, default in AUTO_KEYS.items()
+                   if par.get(k, default) != default]
+    if set_by_hand:
+        raise LayoutError(_message([
+            f"parallel.layout is 'auto' (the planner chooses the layout at start-up) but "
+            f"parallel sets {', '.join(set_by_hand)}; remove them (auto never proposes D-CHAG, "
+            "an architecture change) or set parallel.layout: manual"]))
 
 
 def check_config(config: dict[str, Any]) -> None:

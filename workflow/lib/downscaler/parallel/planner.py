@@ -22,7 +22,8 @@ without activation checkpointing, is estimated; among those within the budget th
 least communication wins (a fixed cost order: DDP < FSDP < activation checkpointing < sequence
 parallel < tensor parallel, since TP all-reduces twice per block in forward and backward).
 
-CLI::
+The engine asks ``plan_layout`` for the layout at start-up under ``parallel.layout: auto``
+(``parallel.engine.planned_layout``); the CLI gives the same answer ahead of a run::
 
     python -m downscaler.parallel.planner --preset 1B --world 64 --memory-gib 64 \\
         --coarse-pixels 360x720 --tiles 16
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
@@ -42,7 +44,8 @@ from ..model.presets import PRESETS, build_model
 from ..model.reslim import ReslimConfig
 from .layout import Layout, LayoutError
 
-__all__ = ["Plan", "ModelSize", "estimate_memory", "main", "plan_layout", "tokens_per_tile"]
+__all__ = ["Plan", "ModelSize", "device_memory_bytes", "estimate_memory", "main", "plan_layout",
+           "tokens_per_tile"]
 
 GIB = 1024**3
 
@@ -64,6 +67,11 @@ class ModelSize:
         with torch.device("meta"):
             model = build_model(preset, names[:n_in], names[:n_out],
                                 [f"s{i}" for i in range(n_static)], **overrides)
+        return cls.from_model(model)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> ModelSize:
+        """Count the parameters of a built (not yet parallelized) Reslim."""
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         blocks = count(model.blocks)
         channel = count(model.tokenizer) + count(model.aggregator)
@@ -145,11 +153,14 @@ def _cost(layout: Layout, ac: bool) -> float:
             + 0.5 * (layout.dchag is not None))
 
 
-def _candidates(size: ModelSize, world: int, tokens: int, dchag: bool) -> list[Layout]:
+def _candidates(size: ModelSize, world: int, tokens: int, dchag: bool,
+                global_batch: int | None = None) -> list[Layout]:
     out = []
     for tp, sp, shard in product(_divisors(world), repeat=3):
         if world % (tp * sp * shard) or tokens % sp:
             continue
+        if global_batch is not None and global_batch % (world // (tp * sp)):
+            continue  # the sampler splits the global batch evenly over dp
         for mode, dch in product(("ulysses", "lss"), (None, "linear")):
             if (sp == 1 and mode == "lss") or (dch and not dchag):
                 continue
@@ -164,15 +175,25 @@ def _candidates(size: ModelSize, world: int, tokens: int, dchag: bool) -> list[L
 
 
 def plan_layout(size: ModelSize, tokens: int, world: int, memory_bytes: float, batch: int = 1,
-                act_bytes: int = 4, dchag: bool = False) -> Plan:
+                act_bytes: int = 4, dchag: bool = False, state_bytes: int = 4,
+                global_batch: int | None = None) -> Plan:
     """The cheapest layout whose estimate fits ``memory_bytes`` per rank (``dchag`` allows
-    D-CHAG, which changes the architecture). Raises ``ValueError`` naming the smallest estimate
+    D-CHAG, which changes the architecture). ``batch`` is the samples per data-parallel rank;
+    with ``global_batch`` it is ``global_batch / dp`` of each candidate instead (and candidates
+    whose dp does not divide it are skipped). Raises ``ValueError`` naming the smallest estimate
     when nothing fits."""
-    options = [(layout, ac, estimate_memory(size, tokens, layout, batch, ac, act_bytes))
-               for layout in _candidates(size, world, tokens, dchag) for ac in (False, True)]
+    def per_rank(layout: Layout) -> int:
+        return batch if global_batch is None else global_batch // layout.dp
+
+    options = [(layout, ac, estimate_memory(size, tokens, layout, per_rank(layout), ac,
+                                            act_bytes, state_bytes))
+               for layout in _candidates(size, world, tokens, dchag, global_batch)
+               for ac in (False, True)]
     if not options:
         raise ValueError(f"no layout of {world} processes fits the model (heads "
-                         f"{size.cfg.num_heads}) and {tokens} tokens; change the world size")
+                         f"{size.cfg.num_heads}), {tokens} tokens"
+                         + (f" and a global batch of {global_batch}" if global_batch else "")
+                         + "; change the world size")
     fits = [o for o in options if o[2]["total"] <= memory_bytes]
     if not fits:
         best = min(options, key=lambda o: o[2]["total"])
@@ -182,7 +203,17 @@ def plan_layout(size: ModelSize, tokens: int, world: int, memory_bytes: float, b
             "use more processes, fewer tokens per tile or a smaller model")
     layout, ac, memory = min(fits, key=lambda o: (_cost(o[0], o[1]), o[2]["total"]))
     return Plan(layout, ac, memory, _reason(size, tokens, layout, ac, memory, memory_bytes,
-                                            batch, act_bytes, len(fits), len(options)))
+                                            per_rank(layout), act_bytes, len(fits),
+                                            len(options), state_bytes))
+
+
+def device_memory_bytes(device: torch.device, local_processes: int) -> int:
+    """Memory one rank may use: a GPU's total memory, or on the CPU the machine's physical memory
+    shared by the ``local_processes`` ranks on it (``parallel.memory_gib: 0``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // max(1, local_processes)
 
 
 def _describe(layout: Layout, ac: bool) -> str:
@@ -197,7 +228,8 @@ def _describe(layout: Layout, ac: bool) -> str:
 
 
 def _reason(size: ModelSize, tokens: int, layout: Layout, ac: bool, memory: dict,
-            cap: float, batch: int, act_bytes: int, n_fit: int, n_all: int) -> str:
+            cap: float, batch: int, act_bytes: int, n_fit: int, n_all: int,
+            state_bytes: int = 4) -> str:
     """Why: the estimate vs the budget, and what each non-trivial choice saves."""
     lines = [f"{_describe(layout, ac)}: estimated {memory['total'] / GIB:.2f} GiB per rank of "
              f"{cap / GIB:.2f} GiB (model states {memory['model_states'] / GIB:.2f}, "
@@ -216,7 +248,8 @@ def _reason(size: ModelSize, tokens: int, layout: Layout, ac: bool, memory: dict
     if ac:
         simpler.append(("activation checkpointing", layout, False))
     for name, other, other_ac in simpler:
-        need = estimate_memory(size, tokens, other, batch, other_ac, act_bytes)["total"]
+        need = estimate_memory(size, tokens, other, batch, other_ac, act_bytes,
+                               state_bytes)["total"]
         lines.append(f"without {name}: {need / GIB:.2f} GiB per rank")
     if layout.sp > 1:
         lines.append("sp_mode lss: num_heads does not divide by tp*sp" if layout.sp_mode == "lss"

@@ -383,17 +383,3 @@ def test_tiny_workflow_with_one_tile_and_an_mc_dropout_ensemble(tmp_path):
     assert (figures / "rank_histogram.png").stat().st_size > 5_000
     assert pd.read_csv(results / "evaluation" / "tiles_seams.csv").empty
     assert (figures / "tiles_seams.png").stat().st_size > 5_000
-
-
-def test_upsample_vit_listed_without_its_checkpoint_is_one_clear_message(tmp_path):
-    config = TINY_CONFIG + "evaluate: {baselines: [bicubic, upsample_vit]}\n"
-    (tmp_path / "config.yaml").write_text(config)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    done = subprocess.run([shutil.which("snakemake", path=env["PATH"]), "-s",
-                           str(REPO / "Snakefile"), "--directory", str(tmp_path),
-                           "--configfile", str(tmp_path / "config.yaml"), "-n"],
-                          env=env, capture_output=True, text=True)
-    assert done.returncode != 0
-    assert ("evaluate.baselines lists upsample_vit but evaluate.upsample_vit_checkpoint is "
-            "empty") in done.stderr + done.stdout
-    assert "Traceback" not in done.stderr

@@ -59,7 +59,7 @@ rule infer_input:
 
 rule infer_upsample_vit:
     input:
-        checkpoint=config["evaluate"]["upsample_vit_checkpoint"] or [],
+        checkpoint=upsample_vit_checkpoint(),
         coarse="results/pairs/coarse.nc",
         fine="results/pairs/fine.nc",
     output:

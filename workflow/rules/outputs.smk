@@ -41,27 +41,23 @@ def figure_report(path):
 
 
 def optional_baselines(wildcards):
-    """Baselines with inputs of their own: the statistical ones' fit (rule fit_baselines) and
-    the upsample-first ViT's prediction when its checkpoint is configured."""
+    """Baselines with inputs of their own: the statistical fit (rule fit_baselines) and the
+    upsample-first ViT's prediction (listed in evaluate.baselines or its checkpoint given).
+    """
     chosen = config["evaluate"]["baselines"]
     out = {}
     if {"residual_climatology", "mos"} & set(chosen):
         out["fitted"] = "results/evaluation/baselines_fitted.nc"
-    if config["evaluate"]["upsample_vit_checkpoint"]:
+    if "upsample_vit" in chosen or config["evaluate"]["upsample_vit_checkpoint"]:
         out["upsample_vit"] = "results/downscaled/baselines/upsample_vit_test.nc"
     return out
 
 
-# The upsample-first ViT is not trained by this workflow: listing it needs its checkpoint.
-if (
-    "upsample_vit" in config["evaluate"]["baselines"]
-    and not config["evaluate"]["upsample_vit_checkpoint"]
-):
-    sys.exit(
-        "Invalid configuration: config key evaluate.baselines lists upsample_vit but "
-        "evaluate.upsample_vit_checkpoint is empty: give the checkpoint of a trained "
-        "upsample-first ViT, or drop upsample_vit from evaluate.baselines"
-    )
+def upsample_vit_checkpoint():
+    """The upsample-first ViT scored as a baseline: evaluate.upsample_vit_checkpoint when given,
+    else the one rule train_upsample_vit trains by the same training rule as Reslim."""
+    given = config["evaluate"]["upsample_vit_checkpoint"]
+    return given or "results/model/baselines/upsample_vit/checkpoint.pt"
 
 
 # An ensemble run (infer.ensemble) also draws rank histograms.

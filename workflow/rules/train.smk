@@ -44,3 +44,48 @@ rule train:
         "{resources.mpi} python -m downscaler.cli train --config {params.cfg:q}"
         " --train {input.train} --val {input.val}"
         " --checkpoint {output.checkpoint} --log {output.log} > {log} 2>&1"
+
+
+# The upsample-first ViT baseline (evaluate.baselines: [..., upsample_vit]): the same training
+# entry point, rule and training rule (budget, schedule, early stopping, best checkpoint) as
+# Reslim, on the same tiles, with model.architecture set to upsample_vit.
+rule train_upsample_vit:
+    input:
+        train="results/tiles/train.zarr",
+        val="results/tiles/val.zarr",
+    output:
+        checkpoint="results/model/baselines/upsample_vit/checkpoint.pt",
+        log="results/model/baselines/upsample_vit/training_log.csv",
+    log:
+        "logs/train_upsample_vit.log",
+    benchmark:
+        "results/benchmarks/train_upsample_vit.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: config["parallel"]["processes"]
+    resources:
+        mpi="",
+    params:
+        cfg=lambda wildcards: json.dumps(
+            {
+                **{
+                    k: config[k]
+                    for k in (
+                        "seed",
+                        "variables",
+                        "statics",
+                        "split",
+                        "regrid",
+                        "tiles",
+                        "train",
+                        "parallel",
+                    )
+                },
+                "model": {**config["model"], "architecture": "upsample_vit"},
+            },
+            sort_keys=True,
+        ),
+    shell:
+        "{resources.mpi} python -m downscaler.cli train --config {params.cfg:q}"
+        " --train {input.train} --val {input.val}"
+        " --checkpoint {output.checkpoint} --log {output.log} > {log} 2>&1"

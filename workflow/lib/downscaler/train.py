@@ -214,11 +214,14 @@ class _Loop:
                              "rebuild the tiles from one config")
 
         torch.manual_seed(self.seed)  # every rank builds identical initial weights
-        overrides = {k: v for k, v in config["model"].items() if k != "preset"}
+        overrides = {k: v for k, v in config["model"].items()
+                     if k not in ("preset", "architecture")}
         # inputs may differ from the targets (other datasets, pressure levels, calendar)
         inputs = attrs.get("inputs", self.variables)
+        self.architecture = config["model"].get("architecture", "reslim")
         base = build_model(config["model"]["preset"], inputs, self.variables,
-                           self.statics, mag=attrs["factor"], **overrides)
+                           self.statics, architecture=self.architecture, mag=attrs["factor"],
+                           **overrides)
         self.model_config = dataclasses.asdict(base.cfg)
         # batches are cast to the weights' dtype (float64 models for exact parity tests)
         self.dtype = next(base.parameters()).dtype
@@ -379,7 +382,7 @@ class _Loop:
                 statics=self.statics, stats=self.attrs["stats"], tiling=tiling,
                 res_km=self.res_km, config=self.config,
                 epoch=math.ceil(self.step / self.steps_per_epoch), step=self.step,
-                val_loss=val_loss, dchag=self.engine.dchag)
+                val_loss=val_loss, dchag=self.engine.dchag, architecture=self.architecture)
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline

@@ -12,9 +12,13 @@ from typing import Any
 
 from torch import nn
 
+from .baseline import UpsampleViT
 from .reslim import Reslim, ReslimConfig
 
-__all__ = ["PRESETS", "build_model", "count_parameters"]
+__all__ = ["ARCHITECTURES", "PRESETS", "build_model", "count_parameters"]
+
+# Model classes by config name (model.architecture): both take a ReslimConfig and the same call.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"reslim": Reslim, "upsample_vit": UpsampleViT}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -38,15 +42,20 @@ def build_model(
     in_vars: Sequence[str],
     out_vars: Sequence[str],
     static_vars: Sequence[str] = (),
+    architecture: str = "reslim",
     **overrides: Any,
-) -> Reslim:
-    """Build a ``Reslim`` of size ``preset`` for the given variables; ``overrides`` replace any
+) -> nn.Module:
+    """Build a ``Reslim`` (or, with ``architecture="upsample_vit"``, the upsample-first ViT
+    baseline) of size ``preset`` for the given variables; ``overrides`` replace any
     ``ReslimConfig`` field (e.g. ``mag=2``, ``dropout=0.1``).
 
     Build under ``with torch.device("meta"):`` to count or shard a large model without memory.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown model architecture {architecture!r} (config key "
+                         f"model.architecture); choose one of {sorted(ARCHITECTURES)}")
     names = {"in_vars", "out_vars", "static_vars"}
     reserved = names & overrides.keys()
     if reserved:
@@ -61,7 +70,7 @@ def build_model(
     cfg = ReslimConfig(
         in_vars=list(in_vars), out_vars=list(out_vars), static_vars=list(static_vars), **params
     )
-    return Reslim(cfg)
+    return ARCHITECTURES[architecture](cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

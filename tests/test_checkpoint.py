@@ -63,3 +63,16 @@ def test_a_damaged_or_missing_file_is_a_clear_error(tmp_path):
     for path in (damaged, tmp_path / "missing.pt"):
         with pytest.raises(RuntimeError, match=f"cannot read checkpoint {path}"):
             ckpt.load_checkpoint(path)
+
+
+def test_the_recorded_architecture_is_rebuilt_and_a_mismatch_named(tmp_path):
+    from downscaler.model.baseline import UpsampleViT
+
+    model = build_model("tiny", ["t2m"], ["t2m"], ["orog"], embed_dim=16, num_heads=2, depth=1,
+                        mag=2, architecture="upsample_vit")
+    path = tmp_path / "vit.pt"
+    ckpt.save_checkpoint(path, model, architecture="upsample_vit")
+    loaded, payload = ckpt.load_checkpoint(path)
+    assert isinstance(loaded, UpsampleViT) and payload["architecture"] == "upsample_vit"
+    with pytest.raises(ValueError, match="holds a upsample_vit model, not reslim"):
+        ckpt.load_checkpoint(path, "reslim")

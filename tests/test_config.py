@@ -42,6 +42,9 @@ def test_every_schema_key_has_a_description():
         (lambda c: c["tiles"].update(div_lat=3), r"valid div_lat: \[1, 2, 4, 8, 16\]"),
         (lambda c: c["targets"].update(resolution=0.3), "not a multiple of targets.resolution"),
         (lambda c: c["model"].update(num_heads=3), "embed_dim 64 is not divisible by num_heads"),
+        (lambda c: (c["model"].update(architecture="upsample_vit"),
+                    c["parallel"].update(processes=2, tp=2, dchag="linear")),
+         "parallel.dchag: D-CHAG splits Reslim's channel aggregation"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(change, message):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from downscaler.io import atomic_path
+from downscaler.model.presets import ARCHITECTURES
 from downscaler.model.reslim import Reslim, ReslimConfig
 
 
@@ -41,13 +42,25 @@ def write_checkpoint(path: str | Path, model_config: dict, model_state: dict,
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path) -> tuple[Reslim, dict]:
-    """Rebuild the model from a checkpoint; returns (model in eval mode, the whole payload)."""
+def load_checkpoint(path: str | Path, architecture: str | None = None) -> tuple[Reslim, dict]:
+    """Rebuild the model from a checkpoint; returns (model in eval mode, the whole payload).
+
+    The class is the one the checkpoint records (``architecture``: reslim or upsample_vit);
+    ``architecture`` names the one the caller expects (needed only for files that predate the
+    key) and a mismatch is an error, not a state-dict failure deep inside torch."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as err:
         raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
-    model = Reslim(ReslimConfig(**payload["model_config"]))
+    recorded = payload.get("architecture")
+    if architecture and recorded and recorded != architecture:
+        raise ValueError(f"checkpoint {path} holds a {recorded} model, not {architecture}: "
+                         "give the checkpoint of the model you meant")
+    name = architecture or recorded or "reslim"
+    if name not in ARCHITECTURES:
+        raise ValueError(f"checkpoint {path}: unknown architecture {name!r}; "
+                         f"choose one of {sorted(ARCHITECTURES)}")
+    model = ARCHITECTURES[name](ReslimConfig(**payload["model_config"]))
     spec = payload.get("dchag")
     if spec:
         # Lazy: D-CHAG is optional; its reference form is a plain Reslim with other submodules.

@@ -380,31 +380,15 @@ def _part_bounds(n_time: int, processes: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-ARCHITECTURES = ("reslim", "upsample_vit")
-
-
 def load_model(checkpoint: str | os.PathLike,
                architecture: str = "reslim") -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, payload) from a checkpoint: Reslim, or the upsample-first ViT
     baseline (same config and payload layout, other class)."""
-    if architecture == "reslim":
-        from downscaler.checkpoint import load_checkpoint
+    from downscaler.checkpoint import load_checkpoint
 
-        return load_checkpoint(checkpoint)
-    if architecture != "upsample_vit":
-        raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
-    from downscaler.model.baseline import UpsampleViT
-    from downscaler.model.reslim import ReslimConfig
-
-    try:
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model = UpsampleViT(ReslimConfig(**payload["model_config"]))
-        model.load_state_dict(payload["model_state"])
-    except (OSError, RuntimeError, KeyError) as err:
-        raise RuntimeError(f"cannot load {checkpoint} as an upsample-first ViT checkpoint: "
-                           f"{err}") from err
-    payload.setdefault("architecture", "UpsampleViT")
-    return model.eval(), payload
+    model, payload = load_checkpoint(checkpoint, architecture)
+    payload.setdefault("architecture", architecture)
+    return model, payload
 
 
 def load_members(checkpoint: str | os.PathLike, architecture: str = "reslim",

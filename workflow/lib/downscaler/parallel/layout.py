@@ -297,6 +297,10 @@ def check_config(config: dict[str, Any]) -> None:
     from ..model.presets import PRESETS
 
     model = {**PRESETS[config["model"]["preset"]], **config["model"]}
+    if config["parallel"]["dchag"] and model["architecture"] != "reslim":
+        raise ConfigError(f"config key parallel.dchag: D-CHAG splits Reslim's channel "
+                          f"aggregation; model.architecture {model['architecture']} has none: "
+                          "remove parallel.dchag")
     cfg = SimpleNamespace(num_heads=model["num_heads"], embed_dim=model["embed_dim"],
                           mlp_ratio=model.get("mlp_ratio", 4.0),
                           in_vars=stage_names(config)["inputs"],

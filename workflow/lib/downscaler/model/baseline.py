@@ -25,10 +25,9 @@ from .layers import (
     VariableTokenizer,
     make_head,
     reset_all_parameters,
-    sincos_pos_embed_2d,
     unpatchify,
 )
-from .reslim import OUTPUT_INIT_SCALE, ReslimConfig, resolution_tensor, validate_inputs
+from .reslim import OUTPUT_INIT_SCALE, ReslimConfig, embed_tokens, validate_inputs
 
 __all__ = ["UpsampleViT"]
 
@@ -73,16 +72,14 @@ class UpsampleViT(nn.Module):
         ``[B, len(out_vars), mag*h, mag*w]``.
         """
         validate_inputs(self.cfg, x, static, fine_patch=True)
-        b, _, h, w = x.shape
+        _, _, h, w = x.shape
         mag, p, n_out = self.cfg.mag, self.cfg.patch_size, len(self.cfg.out_vars)
         hf, wf = h * mag, w * mag
         up = x if mag == 1 else F.interpolate(
             x, scale_factor=mag, mode="bilinear", align_corners=False
         )
-        z = self.aggregator(self.tokenizer(torch.cat([up, static.to(up.dtype)], dim=1)))
-        pos = sincos_pos_embed_2d(z.shape[-1], hf // p, wf // p, device=z.device, dtype=z.dtype)
-        res = self.res_embed(resolution_tensor(res_km, b, self.res_embed.weight))
-        z = self.pos_drop(z + self.pos_scale * pos + res[:, None, :])
+        tokens = self.tokenizer(torch.cat([up, static.to(up.dtype)], dim=1))
+        z = embed_tokens(self, tokens, hf // p, wf // p, res_km)
         for block in self.blocks:
             z = block(z)
         z = self.head(self.norm(z))

@@ -228,6 +228,18 @@ class ResidualPath(nn.Module):
         return self.conv_out(self.shuffle(y))
 
 
+def embed_tokens(model: nn.Module, tokens: Tensor, grid_h: int, grid_w: int,
+                 res_km: float | Tensor) -> Tensor:
+    """Per-variable tokens -> one token per location, plus the sin-cos position and resolution
+    embeddings: the step before the transformer blocks, shared by Reslim, its first pipeline
+    stage and the upsample-first ViT (each holds ``aggregator``, ``pos_scale``, ``res_embed``,
+    ``pos_drop``)."""
+    z = model.aggregator(tokens)
+    pos = sincos_pos_embed_2d(z.shape[-1], grid_h, grid_w, device=z.device, dtype=z.dtype)
+    res = model.res_embed(resolution_tensor(res_km, z.shape[0], model.res_embed.weight))
+    return model.pos_drop(z + model.pos_scale * pos + res[:, None, :])
+
+
 class Reslim(nn.Module):
     """ORBIT-2's Reslim: coarse-grid ViT + fine-grid head + residual CNN, on a bilinear skip.
 
@@ -284,12 +296,9 @@ class Reslim(nn.Module):
 
     def forward_tokens(self, x: Tensor, static: Tensor, res_km: float | Tensor) -> Tensor:
         """Tokenise, aggregate, embed, run the transformer: ``[B, L, D]`` after the final norm."""
-        b, _, h, w = x.shape
         p = self.cfg.patch_size
-        z = self.aggregator(self.tokenizer(x, static))
-        pos = sincos_pos_embed_2d(z.shape[-1], h // p, w // p, device=z.device, dtype=z.dtype)
-        res = self.res_embed(resolution_tensor(res_km, b, self.res_embed.weight))
-        z = self.pos_drop(z + self.pos_scale * pos + res[:, None, :])
+        z = embed_tokens(self, self.tokenizer(x, static), x.shape[-2] // p, x.shape[-1] // p,
+                         res_km)
         for block in self.blocks:
             z = block(z)
         return self.norm(z)

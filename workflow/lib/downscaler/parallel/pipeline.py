@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from ..model.layers import sincos_pos_embed_2d, unpatchify
-from ..model.reslim import Reslim, resolution_tensor, validate_inputs
+from ..model.layers import unpatchify
+from ..model.reslim import Reslim, embed_tokens, validate_inputs
 
 __all__ = ["SCHEDULES", "average_over_data_parallel", "check_stages", "make_schedule",
            "pipeline_stage"]
@@ -62,12 +62,9 @@ class FirstStage(nn.Module):
         model = self._model[0]
         validate_inputs(self.cfg, x, static)
         static = static.to(x.dtype)
-        b, _, h, w = x.shape
         p = self.cfg.patch_size
-        z = self.aggregator(self.tokenizer(x, static))
-        pos = sincos_pos_embed_2d(z.shape[-1], h // p, w // p, device=z.device, dtype=z.dtype)
-        res = self.res_embed(resolution_tensor(res_km, b, self.res_embed.weight))
-        z = self.pos_drop(z + self.pos_scale * pos + res[:, None, :])
+        z = embed_tokens(self, self.tokenizer(x, static), x.shape[-2] // p, x.shape[-1] // p,
+                         res_km)
         for block in self.blocks:
             z = block(z)
         base = model.upsample_skip(x) + self.residual(model.coarse_outputs(x), static)

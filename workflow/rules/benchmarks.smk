@@ -5,7 +5,7 @@
 # machine with other rules, which would distort the timings.
 wildcard_constraints:
     size="demo|paper",
-    variant="[a-z]+",
+    variant="[a-z-]+",
 
 
 rule bench_mfu:

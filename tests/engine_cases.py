@@ -29,6 +29,7 @@ def make_config(out: Path, parallel: dict, clip: float, processes: int, init: st
     starting from the weights ``init``."""
     train = {"init_from": init, "epochs": 3, "batch_size": 4, "workers": 0, "val_every_steps": 2,
              "log_every_steps": 1, "grad_clip": clip, "lr": 5e-3, "warmup_epochs": 0.5,
+             "tv_weight": 0.02,  # the TV prior in the loss too (tolerances measured with it)
              "patience": 0, "precision": "fp32", "log_dir": str(out / "logs")}
     return validate_config({
         "seed": 11, "model": MODEL, "train": train,

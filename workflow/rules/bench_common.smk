@@ -4,6 +4,10 @@ import shlex
 
 BENCH_SCRIPTS = os.path.join(workflow.basedir, "benchmarks")
 BENCH_DIR = "results/benchmarks"
+# More threads than any machine has: Snakemake caps a local job's threads at --cores, so a
+# benchmark runs alone (workflow.cores is undefined under a cluster executor, where the
+# profile's cpus_per_task sets the job's CPUs).
+BENCH_THREADS = 1024
 
 
 def bench_options(size, name):

@@ -1,7 +1,7 @@
 # Benchmarks as rules: each runs benchmarks/bench_<name>.py at a size from config["benchmarks"]
 # ("demo": seconds, for the demo's scaling figure; "paper": a laptop, for `make paper`) and writes
 # results/benchmarks/<size>/<name>.json (machine, device, measured matmul peak, date, versions)
-# next to Snakemake's own benchmark TSV. `threads: workflow.cores` keeps them from sharing the
+# next to Snakemake's own benchmark TSV. `threads: BENCH_THREADS` keeps them from sharing the
 # machine with other rules, which would distort the timings.
 wildcard_constraints:
     size="demo|paper",
@@ -17,7 +17,7 @@ rule bench_mfu:
         f"{BENCH_DIR}/{{size}}/mfu.tsv"
     conda:
         "../../envs/cpu.yaml"
-    threads: workflow.cores
+    threads: BENCH_THREADS
     params:
         options=lambda wildcards: bench_options(wildcards.size, "mfu"),
     shell:
@@ -33,7 +33,7 @@ rule bench_reslim_vs_baseline:
         f"{BENCH_DIR}/{{size}}/reslim_vs_baseline.tsv"
     conda:
         "../../envs/cpu.yaml"
-    threads: workflow.cores
+    threads: BENCH_THREADS
     params:
         options=lambda wildcards: bench_options(wildcards.size, "reslim_vs_baseline"),
     shell:
@@ -49,7 +49,7 @@ rule bench_tiles_scaling:
         f"{BENCH_DIR}/{{size}}/tiles_scaling.tsv"
     conda:
         "../../envs/cpu.yaml"
-    threads: workflow.cores
+    threads: BENCH_THREADS
     params:
         options=lambda wildcards: bench_options(wildcards.size, "tiles_scaling"),
     shell:
@@ -65,7 +65,7 @@ rule bench_dchag_memory:
         f"{BENCH_DIR}/{{size}}/dchag_memory_{{variant}}.tsv"
     conda:
         "../../envs/cpu.yaml"
-    threads: workflow.cores
+    threads: BENCH_THREADS
     params:
         options=lambda wildcards: bench_options(wildcards.size, "dchag_memory")
         + f" --variant {wildcards.variant}",
@@ -82,7 +82,7 @@ rule bench_train_scaling:
         f"{BENCH_DIR}/{{size}}/train_scaling.tsv"
     conda:
         "../../envs/cpu.yaml"
-    threads: workflow.cores
+    threads: BENCH_THREADS
     params:
         options=lambda wildcards: bench_options(wildcards.size, "train_scaling"),
     shell:
@@ -98,7 +98,7 @@ rule bench_inference:
         f"{BENCH_DIR}/{{size}}/inference.tsv"
     conda:
         "../../envs/cpu.yaml"
-    threads: workflow.cores
+    threads: BENCH_THREADS
     params:
         options=lambda wildcards: bench_options(wildcards.size, "inference"),
     shell:
@@ -116,7 +116,7 @@ rule bench_sequence:
         f"{BENCH_DIR}/{{size}}/sequence.tsv"
     conda:
         "../../envs/cpu.yaml"
-    threads: workflow.cores
+    threads: BENCH_THREADS
     params:
         script=os.path.join(BENCH_SCRIPTS, "bench_sequence.py"),
         runner=os.path.join(BENCH_SCRIPTS, "run_optional.py"),

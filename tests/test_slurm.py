@@ -45,7 +45,8 @@ TINY = {
     "train": {"epochs": 2, "batch_size": 16, "workers": 0},
 }
 # Rules that run as Slurm jobs (the others are localrules: source, scaling_figure, all).
-BATCH_RULES = ("pairs", "tiles", "train", "infer_test", "evaluate", "tiles_seam_check")
+BATCH_RULES = ("pairs", "tiles", "train", "infer_test", "fit_baselines", "evaluate",
+               "tiles_seam_check", "bench_tiles_scaling", "bench_train_scaling")
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,8 @@ def test_signal_before_time_limit_saves_and_exits_75(slurm_cluster, tmp_path):
     30 s early), to the job steps that exist then: it must come after the srun step started
     (~20 s into a job here) and before the limit, so the test job asks for 3 minutes.
     """
-    config = {**TINY, "train": {**TINY["train"], "epochs": 5000}}  # far longer than 3 min
+    # far longer than 3 min, without early stopping
+    config = {**TINY, "train": {**TINY["train"], "epochs": 5000, "patience": 0}}
     work = tmp_path / "limit"
     _prepare_tiles(work, config)
     profile = _derived_profile(tmp_path, runtime=3, slurm_extra="'--signal=USR1@60'")

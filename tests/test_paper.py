@@ -225,3 +225,17 @@ def test_cost_model_recovers_known_coefficients():
     got = fit(cases)
     for term in TERMS:
         assert got[term] == pytest.approx(truth[term], rel=1e-6)
+
+
+def test_scaling_reader_takes_each_cases_process_count_not_the_scripts_option(tmp_path):
+    from downscaler.evaluation.benchmarks import load_benchmarks
+
+    doc = {"args": {"processes": [1, 2], "size": 16},
+           "cases": [{"mode": "strong", "processes": 1, "samples_per_s": 10.0, "efficiency": 1.0},
+                     {"mode": "strong", "processes": 2, "samples_per_s": 15.0,
+                      "efficiency": 0.75}]}
+    (tmp_path / "train_scaling.json").write_text(json.dumps(doc))
+    df, problems = load_benchmarks(tmp_path)
+    assert not problems
+    assert df["processes"].tolist() == [1.0, 2.0]
+    assert df["domain"].isna().all()

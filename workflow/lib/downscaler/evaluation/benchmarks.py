@@ -142,12 +142,14 @@ def _row(record: dict, file: str) -> dict:
     series = [str(v) for k in SERIES_KEYS
               if (v := _find(record, (k,))[1]) is not None and not isinstance(v, (dict, list))]
     eff = _number(_find(record, EFFICIENCY_KEYS)[1])
+    # the script's options (e.g. "args.size" of a training step, "args.processes" listing every
+    # count) are neither this record's domain size nor its process count
+    measured = {k: v for k, v in record.items() if not k.startswith("args.")}
     return {
         "file": file,
         "series": f"{file}: {series[0]}" if series else file,
-        "processes": _number(_find(record, PROCESS_KEYS)[1]),
-        # the script's options (e.g. "args.size" of a training step) are no domain size
-        "domain": _domain({k: v for k, v in record.items() if not k.startswith("args.")}),
+        "processes": _number(_find(measured, PROCESS_KEYS)[1]),
+        "domain": _domain(measured),
         "throughput": throughput,
         "throughput_unit": unit.replace("_per_s", "/s"),
         "efficiency": eff,

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="dask threads (0: all CPUs)")
     parser.add_argument("--ref-steps", type=int, default=336, help="steps for the slow paths")
     parser.add_argument("--copy-mb", type=int, default=512, help="size of the bandwidth copy")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (best is kept)")
     args = parser.parse_args(argv)
     threads = args.threads or torch.get_num_threads()
 

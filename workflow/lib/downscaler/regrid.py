@@ -349,7 +349,7 @@ def coarsen_conservative(
     The grid is normalised and cropped to a multiple of `factor` first, so the result is the
     exact area-weighted k x k block mean; see `regrid` for `nan_threshold`. `backend` auto (or
     block-mean) computes the block means directly (`block_mean`: one pass over the input, about
-    10x xarray-regrid's throughput, ~17-26% of the memory-copy bandwidth on 2 cores:
+    10x xarray-regrid's throughput, ~17-28% of the memory-copy bandwidth on 2 cores:
     benchmarks/bench_regrid.py); xesmf / xarray-regrid go through `regrid`.
     """
     if factor < 1:

@@ -280,7 +280,7 @@ AUTO_KEYS = {"dp_replicate": 0, "dp_shard": 1, "tp": 1, "sp": 1, "sp_mode": "uly
 def _check_auto(par: dict[str, Any]) -> None:
     """``layout: auto`` owns the layout keys: any other value would be silently overridden."""
     set_by_hand = [f"{k}: {par[k]}" for k, default in AUTO_KEYS.items()
-                   if par.get(k, default) != default]
+                   if par[k] != default]
     if set_by_hand:
         raise LayoutError(_message([
             f"parallel.layout is 'auto' (the planner chooses the layout at start-up) but "
@@ -295,6 +295,7 @@ def check_config(config: dict[str, Any]) -> None:
 
     from ..config import ConfigError, stage_names
     from ..model.presets import PRESETS
+    from ..model.reslim import ReslimConfig
 
     model = {**PRESETS[config["model"]["preset"]], **config["model"]}
     if config["parallel"]["dchag"] and model["architecture"] != "reslim":
@@ -302,7 +303,7 @@ def check_config(config: dict[str, Any]) -> None:
                           f"aggregation; model.architecture {model['architecture']} has none: "
                           "remove parallel.dchag")
     cfg = SimpleNamespace(num_heads=model["num_heads"], embed_dim=model["embed_dim"],
-                          mlp_ratio=model.get("mlp_ratio", 4.0),
+                          mlp_ratio=ReslimConfig.mlp_ratio,  # no config key sets it
                           in_vars=stage_names(config)["inputs"],
                           static_vars=list(config["statics"]))
     try:

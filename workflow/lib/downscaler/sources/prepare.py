@@ -106,7 +106,7 @@ def check_coverage(ds: xr.Dataset, config: dict, origin: str, times: bool = True
     if not problems:
         return
     message = f"{origin}: " + "; ".join(problems)
-    if config.get("coverage", "error") == "warn":
+    if config["coverage"] == "warn":
         warnings.warn(message + " (coverage: warn, proceeding with what there is)", stacklevel=2)
         return
     raise ValueError(message + ". Fetch the missing data, shrink region/period to the data, or "

@@ -54,6 +54,8 @@ class Region:
 
 @dataclass(frozen=True, kw_only=True)
 class Split:
+    """``split``: the train / val / test periods, disjoint and inside ``period``."""
+
     train: DateRange
     val: DateRange
     test: DateRange
@@ -61,7 +63,8 @@ class Split:
 
 @dataclass(frozen=True, kw_only=True)
 class TargetsConfig:
-    """``targets``: the fine-grid data the model learns to produce."""
+    """``targets``: the fine-grid data the model learns to produce (source, variables, grid
+    spacing, files); ``inputs`` has the same keys and one more."""
 
     source: str
     variables: tuple[str, ...]
@@ -70,13 +73,9 @@ class TargetsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class InputsConfig:
-    """``inputs``: the coarse data the model is given."""
+class InputsConfig(TargetsConfig):
+    """``inputs``: the coarse data the model is given, and whether calendar features join."""
 
-    source: str
-    variables: tuple[str, ...]
-    resolution: float
-    paths: tuple[str, ...]
     calendar: bool
 
 
@@ -170,12 +169,6 @@ class InferConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SeamsConfig:
-    whole_domain: bool
-    max_steps: int
-
-
-@dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     """``evaluate``: baselines, streaming chunk, figures and the seam check."""
 
@@ -185,6 +178,15 @@ class EvaluateConfig:
     upsample_vit_checkpoint: str
     benchmarks: str
     seams: SeamsConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeamsConfig:
+    """``evaluate.seams``: the TILES seam check on the test period (also on the whole domain
+    as one tile, for reference; over ``max_steps`` time steps, 0 = all)."""
+
+    whole_domain: bool
+    max_steps: int
 
 
 @dataclass(frozen=True, kw_only=True)

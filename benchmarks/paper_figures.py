@@ -194,20 +194,12 @@ def dchag(out: Path, paths: list[str]) -> None:
 def sequence(out: Path, paths: list[str]) -> None:
     doc = load(paths[0])
     title = "Sequence length vs memory per rank and step time (Ulysses / LSS)"
-    if doc.get("missing"):
-        return empty(out, title, doc["missing"], [doc])
-    rows = []
-    for name, sub in doc.get("files", {}).items():
-        for case in sub.get("cases", sub.get("rows", [])):
-            if isinstance(case, dict):
-                rows.append({"file": name, **{k: v for k, v in case.items()
-                                              if not isinstance(v, (dict, list))}})
-    data = pd.DataFrame(rows)
-    subdocs = list(doc.get("files", {}).values())
+    data = pd.DataFrame([{k: v for k, v in row.items() if not isinstance(v, (dict, list))}
+                         for row in doc.get("rows", [])])
     xkey = next((k for k in ("tokens", "seq_len", "sequence_length") if k in data), None)
     if data.empty or xkey is None:
         return empty(out, title, "bench_sequence.py wrote no cases with a sequence length "
-                     f"(columns: {sorted(data.columns)[:12]})", subdocs)
+                     f"(columns: {sorted(data.columns)[:12]})", [doc])
     # bench_sequence.py's names first, then the generic ones
     ykeys = [next(k for k in keys if k in data) for keys in
              (("peak_bytes_per_rank", "peak_bytes"), ("step_time_s", "step_s"))
@@ -227,7 +219,7 @@ def sequence(out: Path, paths: list[str]) -> None:
                     color=REF_STYLE["color"])
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    finish(fig, out, subdocs, data.to_dict("records"))
+    finish(fig, out, [doc], data.to_dict("records"))
 
 
 @from_cases("Data-parallel training step: strong and weak scaling")

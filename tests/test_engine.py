@@ -64,7 +64,7 @@ WORLD4 = [
      "model": cases.PIPELINE_MODEL},
 ]
 _AUTO = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "sp": 1, "sp_mode": "ulysses",
-         "dchag": None, "activation_checkpointing": False}
+         "dchag": None, "activation_checkpointing": False, "pp": 1}
 # what `layout: auto` must choose on 2 processes: plain DDP when memory is plentiful, FSDP when
 # the budget (memory_gib) lies between the FSDP and DDP estimates
 AUTO_CHOICE = {"auto": {**_AUTO, "dp_replicate": 2}, "auto_fsdp": {**_AUTO, "dp_shard": 2}}

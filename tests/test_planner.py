@@ -98,6 +98,24 @@ def test_global_batch_skips_layouts_that_cannot_split_it():
     assert plan_layout(size, 64, 4, 64 * GIB, global_batch=4).layout.dp == 4  # plain DDP
 
 
+def test_pipeline_when_the_model_does_not_fit_otherwise():
+    # 3 heads (tp 2 cannot split them), 9 tokens (sp 2 cannot split them) and a global batch of
+    # 2 on 4 processes (at most 2 data-parallel ranks): only pp 2 x dp 2 uses every rank
+    size = ModelSize.from_preset("tiny", 4, 2, 2, embed_dim=48, depth=4, num_heads=3)
+    plan = plan_layout(size, 9, 4, 64 * GIB, global_batch=2)
+    assert plan.layout == Layout(pp=2, dp_replicate=2), plan
+    assert plan.as_config()["pp"] == 2
+    assert plan.reason.startswith("pp=2, dp_replicate=2, dp_shard=1, tp=1, sp=1: estimated ")
+    assert "each stage holds 2 of 4 blocks" in plan.reason and "without pp: " in plan.reason
+    # a stage holds half the blocks: less memory than the whole model on one rank
+    whole = estimate_memory(size, 9, Layout(dp_replicate=2), 1)["total"]
+    assert plan.memory["total"] < whole
+    # with heads that split, tensor parallelism (less idle time than a bubble) wins
+    size = ModelSize.from_preset("tiny", 4, 2, 2, embed_dim=48, depth=4, num_heads=4)
+    assert plan_layout(size, 9, 4, 64 * GIB, global_batch=2).layout == Layout(tp=2,
+                                                                              dp_replicate=2)
+
+
 def _config(parallel: dict) -> dict:
     from downscaler.config import validate_config
 

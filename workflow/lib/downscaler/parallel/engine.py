@@ -134,9 +134,9 @@ class TorchEngine:
         """This rank's stage driven by the configured schedule (``par.pp_schedule``)."""
         from .pipeline import Pipeline
 
-        n_micro = microbatches(par, self.layout.pp)
-        problems = check_microbatches(n_micro, train.batch_size // self.layout.dp,
-                                      self.layout.pp)
+        local = train.batch_size // self.layout.dp
+        n_micro = microbatches(par, self.layout.pp, local)
+        problems = check_microbatches(n_micro, local, self.layout.pp)
         if problems:  # checked with the config too; srun's task count may change dp
             raise LayoutError(problems[0])
         self.pp_group = self.mesh["pp"].get_group()

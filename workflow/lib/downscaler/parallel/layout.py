@@ -323,16 +323,17 @@ def check_parallel_config(par: dict[str, Any], cfg: Any, batch_size: int | None 
     except LayoutError as err:
         raise LayoutError(f"{err}\n  {_nearest_hint(par, world, cfg)}") from None
     if batch_size is not None and layout.pp > 1:
-        problems = check_microbatches(microbatches(par, layout.pp), batch_size // layout.dp,
-                                      layout.pp)
+        local = batch_size // layout.dp
+        problems = check_microbatches(microbatches(par, layout.pp, local), local, layout.pp)
         if problems:
             raise LayoutError(_message(problems))
 
 
-def microbatches(par: Any, pp: int) -> int:
-    """``parallel.microbatches``, 0 meaning one per stage."""
+def microbatches(par: Any, pp: int, local_batch: int) -> int:
+    """``parallel.microbatches``; 0 means one per stage, or the largest divisor of the per-rank
+    batch ``local_batch`` below that."""
     value = par["microbatches"] if isinstance(par, dict) else par.microbatches
-    return value or pp
+    return value or max(d for d in _divisors(max(1, local_batch)) if d <= pp)
 
 
 # The keys ``parallel.layout: auto`` chooses, at the defaults it needs them left at.

@@ -214,7 +214,7 @@ def _message(problems: list[str]) -> str:
 
 
 def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
-    """The 4-D DeviceMesh ``("dp_replicate", "dp_shard", "sp", "tp")``, every dim present.
+    """The 5-D DeviceMesh ``("pp", "dp_replicate", "dp_shard", "sp", "tp")``, every dim present.
 
     Size-1 dims are kept so callers can always slice ``mesh["tp"]`` etc. Needs an initialised
     default process group of exactly ``layout.world_size`` ranks.
@@ -234,7 +234,7 @@ def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
             _message(
                 [
                     f"the layout needs {layout.world_size} processes but the world size is "
-                    f"{dist.get_world_size()}; make dp_replicate*dp_shard*sp*tp equal it"
+                    f"{dist.get_world_size()}; make pp*dp_replicate*dp_shard*sp*tp equal it"
                 ]
             )
         )

@@ -188,6 +188,12 @@ def test_uneven_pipelines_name_the_numbers_and_the_nearest_valid_choice():
     assert ("parallel.microbatches=3 does not divide the per-rank batch of 4 samples "
             "(train.batch_size / data-parallel ranks); the nearest valid choice is 2 "
             "(valid: [1, 2, 4])") in str(info.value)
+    with pytest.raises(LayoutError, match=r"pp_schedule: 1f1b needs at least one micro-batch "
+                                          r"per stage, but microbatches=1 < pp=2 \(per-rank "
+                                          r"batch 1\); raise train.batch_size to at least 2"):
+        check_parallel_config(_par(processes=4, pp=2, **pipe), cfg, batch_size=2)
+    check_parallel_config(_par(processes=4, pp=2, **{**pipe, "pp_schedule": "gpipe"}), cfg,
+                          batch_size=2)
     with pytest.raises(LayoutError, match=r"pp=2 composes with tp and dp_replicate \(plain "
                                           r"data parallelism\) only, not with dp_shard=2"):
         check_parallel_config(_par(processes=4, pp=2, dp_shard=2, **pipe), cfg, batch_size=8)

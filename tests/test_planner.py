@@ -105,9 +105,12 @@ def test_global_batch_skips_layouts_that_cannot_split_it():
 
 def test_pipeline_when_the_model_does_not_fit_otherwise():
     # 3 heads (tp 2 cannot split them), 9 tokens (sp 2 cannot split them) and a global batch of
-    # 2 on 4 processes (at most 2 data-parallel ranks): only pp 2 x dp 2 uses every rank
+    # 2 on 4 processes (at most 2 data-parallel ranks): only pp 2 x dp 2 uses every rank, with
+    # GPipe (1F1B needs 2 micro-batches of the 1 sample per rank)
     size = ModelSize.from_preset("tiny", 4, 2, 2, embed_dim=48, depth=4, num_heads=3)
-    plan = plan_layout(size, 9, 4, 64 * GIB, global_batch=2)
+    with pytest.raises(ValueError, match="no layout of 4 processes fits the model"):
+        plan_layout(size, 9, 4, 64 * GIB, global_batch=2, pp_schedule="1f1b")
+    plan = plan_layout(size, 9, 4, 64 * GIB, global_batch=2, pp_schedule="gpipe")
     assert plan.layout == Layout(pp=2, dp_replicate=2), plan
     assert plan.as_config()["pp"] == 2
     assert plan.reason.startswith("pp=2, dp_replicate=2, dp_shard=1, tp=1, sp=1: estimated ")
@@ -117,8 +120,8 @@ def test_pipeline_when_the_model_does_not_fit_otherwise():
     assert plan.memory["total"] < whole
     # with heads that split, tensor parallelism (less idle time than a bubble) wins
     size = ModelSize.from_preset("tiny", 4, 2, 2, embed_dim=48, depth=4, num_heads=4)
-    assert plan_layout(size, 9, 4, 64 * GIB, global_batch=2).layout == Layout(tp=2,
-                                                                              dp_replicate=2)
+    assert plan_layout(size, 9, 4, 64 * GIB, global_batch=2,
+                       pp_schedule="gpipe").layout == Layout(tp=2, dp_replicate=2)
 
 
 def _config(parallel: dict) -> dict:

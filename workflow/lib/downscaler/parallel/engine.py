@@ -81,7 +81,8 @@ def planned_layout(base: nn.Module, par: ParallelConfig, device: torch.device, w
     param_bytes = next(base.parameters()).element_size()
     act_bytes = torch.tensor([], dtype=act_dtype).element_size() if act_dtype else param_bytes
     return plan_layout(ModelSize.from_model(base), tokens, world, memory, act_bytes=act_bytes,
-                       state_bytes=param_bytes, global_batch=global_batch)
+                       state_bytes=param_bytes, global_batch=global_batch,
+                       pp_schedule=par.pp_schedule)
 
 
 class TorchEngine:
@@ -136,7 +137,7 @@ class TorchEngine:
 
         local = train.batch_size // self.layout.dp
         n_micro = microbatches(par, self.layout.pp, local)
-        problems = check_microbatches(n_micro, local, self.layout.pp)
+        problems = check_microbatches(n_micro, local, self.layout.pp, par.pp_schedule)
         if problems:  # checked with the config too; srun's task count may change dp
             raise LayoutError(problems[0])
         self.pp_group = self.mesh["pp"].get_group()

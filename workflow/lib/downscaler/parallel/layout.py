@@ -197,14 +197,25 @@ def pipeline_problems(layout: Layout, depth: int | None) -> list[str]:
     return problems
 
 
-def check_microbatches(microbatches: int, local_batch: int, pp: int) -> list[str]:
-    """What stops ``microbatches`` micro-batches of a data-parallel rank's ``local_batch``."""
-    if pp == 1 or (microbatches >= 1 and local_batch % microbatches == 0):
+def check_microbatches(microbatches: int, local_batch: int, pp: int,
+                       schedule: str = "gpipe") -> list[str]:
+    """What stops ``microbatches`` micro-batches of a data-parallel rank's ``local_batch``
+    under ``schedule`` (1F1B needs at least one micro-batch per stage)."""
+    if pp == 1:
         return []
     valid = _divisors(local_batch) if local_batch >= 1 else [1]
-    return [f"parallel.microbatches={microbatches} does not divide the per-rank batch of "
-            f"{local_batch} samples (train.batch_size / data-parallel ranks); the nearest "
-            f"valid choice is {_nearest(microbatches, valid)} (valid: {valid})"]
+    if microbatches < 1 or local_batch % microbatches:
+        return [f"parallel.microbatches={microbatches} does not divide the per-rank batch of "
+                f"{local_batch} samples (train.batch_size / data-parallel ranks); the nearest "
+                f"valid choice is {_nearest(microbatches, valid)} (valid: {valid})"]
+    if schedule == "1f1b" and microbatches < pp:
+        enough = [v for v in valid if v >= pp]
+        hint = (f"set parallel.microbatches: {enough[0]}" if enough else
+                f"raise train.batch_size to at least {pp} samples per data-parallel rank")
+        return [f"pp_schedule: 1f1b needs at least one micro-batch per stage, but "
+                f"microbatches={microbatches} < pp={pp} (per-rank batch {local_batch}); {hint}, "
+                "or use pp_schedule: gpipe"]
+    return []
 
 
 def _message(problems: list[str]) -> str:
@@ -324,7 +335,8 @@ def check_parallel_config(par: dict[str, Any], cfg: Any, batch_size: int | None 
         raise LayoutError(f"{err}\n  {_nearest_hint(par, world, cfg)}") from None
     if batch_size is not None and layout.pp > 1:
         local = batch_size // layout.dp
-        problems = check_microbatches(microbatches(par, layout.pp, local), local, layout.pp)
+        problems = check_microbatches(microbatches(par, layout.pp, local), local, layout.pp,
+                                      par["pp_schedule"])
         if problems:
             raise LayoutError(_message(problems))
 

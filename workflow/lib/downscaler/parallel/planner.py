@@ -165,15 +165,19 @@ def _cost(layout: Layout, ac: bool) -> float:
 
 
 def _candidates(size: ModelSize, world: int, tokens: int, dchag: bool,
-                global_batch: int | None = None) -> list[Layout]:
+                global_batch: int | None = None, pp_schedule: str = "1f1b") -> list[Layout]:
     out = []
     for pp, tp, sp, shard in product(_divisors(world), repeat=4):
         if world % (pp * tp * sp * shard) or tokens % sp:
             continue
         if pp > 1 and (sp > 1 or shard > 1):
             continue  # the pipeline composes with tp and plain data parallelism only
-        if global_batch is not None and global_batch % (world // (pp * tp * sp)):
-            continue  # the sampler splits the global batch evenly over dp
+        if global_batch is not None:
+            dp = world // (pp * tp * sp)
+            if global_batch % dp:
+                continue  # the sampler splits the global batch evenly over dp
+            if pp > 1 and pp_schedule == "1f1b" and global_batch // dp < pp:
+                continue  # 1F1B needs a micro-batch per stage
         for mode, dch in product(("ulysses", "lss"), (None, "linear")):
             if (sp == 1 and mode == "lss") or (dch and (not dchag or pp > 1)):
                 continue
@@ -189,9 +193,10 @@ def _candidates(size: ModelSize, world: int, tokens: int, dchag: bool,
 
 def plan_layout(size: ModelSize, tokens: int, world: int, memory_bytes: float, batch: int = 1,
                 act_bytes: int = 4, dchag: bool = False, state_bytes: int = 4,
-                global_batch: int | None = None) -> Plan:
+                global_batch: int | None = None, pp_schedule: str = "1f1b") -> Plan:
     """The cheapest layout whose estimate fits ``memory_bytes`` per rank (``dchag`` allows
-    D-CHAG, which changes the architecture). ``batch`` is the samples per data-parallel rank;
+    D-CHAG, which changes the architecture; ``pp_schedule`` 1f1b needs a micro-batch per
+    pipeline stage). ``batch`` is the samples per data-parallel rank;
     with ``global_batch`` it is ``global_batch / dp`` of each candidate instead (and candidates
     whose dp does not divide it are skipped). Raises ``ValueError`` naming the smallest estimate
     when nothing fits."""
@@ -200,7 +205,7 @@ def plan_layout(size: ModelSize, tokens: int, world: int, memory_bytes: float, b
 
     options = [(layout, ac, estimate_memory(size, tokens, layout, per_rank(layout), ac,
                                             act_bytes, state_bytes))
-               for layout in _candidates(size, world, tokens, dchag, global_batch)
+               for layout in _candidates(size, world, tokens, dchag, global_batch, pp_schedule)
                for ac in (False, True)]
     if not options:
         raise ValueError(f"no layout of {world} processes fits the model (heads "

@@ -222,6 +222,34 @@ def sequence(out: Path, paths: list[str]) -> None:
     finish(fig, out, [doc], data.to_dict("records"))
 
 
+def pipeline(out: Path, paths: list[str]) -> None:
+    """Pipeline bubble vs micro-batches, one line per (schedule, stages), against the theory
+    (p-1)/(m+p-1) drawn as dotted lines."""
+    doc = load(paths[0])
+    title = "Pipeline bubble vs micro-batches: measured (GPipe / 1F1B) and (p-1)/(m+p-1)"
+    rows = pd.DataFrame([r for r in doc.get("rows", []) if "bubble" in r])
+    if rows.empty:
+        return empty(out, title, f"{paths[0]} has no measured rows", [doc])
+    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+    for i, (p, g) in enumerate(rows.groupby("stages")):
+        m = sorted(g["microbatches"].unique())
+        ax.plot(m, [(p - 1) / (k + p - 1) for k in m], color=f"C{i}", ls=":", lw=1.2,
+                label=f"p={p} theory")
+        for sched, marker in (("gpipe", "o-"), ("1f1b", "s--")):
+            h = g[g["schedule"] == sched].sort_values("microbatches")
+            if not h.empty:
+                ax.plot(h["microbatches"], h["bubble"], marker, color=f"C{i}",
+                        label=f"p={p} {sched} (ours)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("micro-batches m")
+    ax.set_ylabel("bubble fraction of a step")
+    ax.set_ylim(0, 1)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    finish(fig, out, [doc], rows.to_dict("records"))
+
+
 @from_cases("Data-parallel training step: strong and weak scaling")
 def scaling(doc: dict, cases: pd.DataFrame, title: str) -> tuple[plt.Figure, Any]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
@@ -304,8 +332,8 @@ def table6(out: Path, paths: list[str]) -> None:
 
 FIGURES: dict[str, Callable[[Path, list[str]], None]] = {
     "reslim_vs_vit": reslim_vs_vit, "tiles": tiles, "dchag_memory": dchag,
-    "sequence": sequence, "train_scaling": scaling, "mfu": mfu, "inference": inference,
-    "table6": table6,
+    "sequence": sequence, "pipeline": pipeline, "train_scaling": scaling, "mfu": mfu,
+    "inference": inference, "table6": table6,
 }
 
 

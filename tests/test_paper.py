@@ -165,7 +165,7 @@ def test_paper_target_plans_every_figure(tmp_path):
     out = result.stdout + result.stderr
     for rule in ("bench_mfu", "bench_reslim_vs_baseline", "bench_tiles_scaling",
                  "bench_dchag_memory", "bench_train_scaling", "bench_inference",
-                 "bench_sequence", "paper_figure", "paper_table6"):
+                 "bench_sequence", "bench_pipeline", "paper_figure", "paper_table6"):
         assert rule in out, rule
 
 
@@ -204,6 +204,19 @@ def test_sequence_figure_from_bench_sequence_layout(tmp_path):
     P.main(["sequence", "--out", str(out), _write(tmp_path / "sequence.json", doc)])
     data = _check_figure(out)["data"]
     assert len(data) == 4 and {r["config"] for r in data} == {"sp1", "ulysses_sp2"}
+
+
+def test_pipeline_figure_from_bench_pipeline_layout(tmp_path):
+    """bench_pipeline.py's rows (measured bubble per schedule, stages, micro-batches) are drawn;
+    skipped combinations are left out."""
+    rows = [{"schedule": s, "stages": p, "microbatches": m, "bubble": (p - 1) / (m + p - 1)
+             + 0.03, "theory": (p - 1) / (m + p - 1)}
+            for s in ("gpipe", "1f1b") for p in (2, 4) for m in (2, 4, 8)]
+    rows.append({"schedule": "1f1b", "stages": 4, "microbatches": 1, "skipped": "m < p"})
+    out = tmp_path / "pipeline.png"
+    P.main(["pipeline", "--out", str(out), _write(tmp_path / "pipeline.json", _doc(rows=rows))])
+    data = _check_figure(out)["data"]
+    assert len(data) == 12 and {r["stages"] for r in data} == {2, 4}
 
 
 def test_cost_model_recovers_known_coefficients():

@@ -105,6 +105,23 @@ rule bench_inference:
         bench_shell("inference")
 
 
+# The pipeline bubble vs (stages, micro-batches) against (p-1)/(m+p-1): GPipe and 1F1B.
+rule bench_pipeline:
+    output:
+        f"{BENCH_DIR}/{{size}}/pipeline.json",
+    log:
+        "logs/benchmarks/{size}/pipeline.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/pipeline.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: BENCH_THREADS
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "pipeline"),
+    shell:
+        bench_shell("pipeline")
+
+
 # Sequence-length scaling: step time and peak memory per rank vs tokens (sp 1, Ulysses, LSS).
 rule bench_sequence:
     output:

@@ -17,7 +17,7 @@ import xarray as xr
 
 from downscaler.config import stage_names
 from downscaler.io import read_json, write_netcdf
-from downscaler.settings import typed
+from downscaler.settings import InferenceInput, build, typed
 from downscaler.variables import calendar_names
 
 
@@ -42,7 +42,8 @@ def prepare_input(args, config: dict) -> None:
     spec = config["inference_inputs"][args.name]
     with xr.open_dataset(args.coarse) as coarse:
         grid = coarse[["lat", "lon"]].load()
-    ds = to_model_grid(open_inference_input(spec, config, args.raw_dir), grid)
+    typed_spec = build(InferenceInput, spec, f"inference_inputs.{args.name}")
+    ds = to_model_grid(open_inference_input(typed_spec, config, args.raw_dir), grid)
     if config["inputs"]["calendar"]:
         ds = xr.merge([ds, calendar_features(ds["time"].values,
                                              calendar_names(config["frequency"]), ds)])

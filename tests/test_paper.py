@@ -127,7 +127,7 @@ def test_figures_from_each_benchmark_layout(tmp_path):
 
 
 @pytest.mark.parametrize("name, doc, reason", [
-    ("sequence", {"missing": "benchmarks/bench_sequence.py does not exist"}, "does not exist"),
+    ("sequence", {"rows": []}, "wrote no cases"),
     ("dchag_memory", {"args": {"variant": "tree"}, "cases": [], "unsupported": "no tree"},
      "no tree"),
     ("train_scaling", {"cases": []}, "has no cases"),
@@ -136,13 +136,6 @@ def test_a_figure_without_data_says_why(tmp_path, name, doc, reason):
     out = tmp_path / f"{name}.png"
     P.main([name, "--out", str(out), _write(tmp_path / "in.json", _doc(**doc))])
     assert reason in _check_figure(out)["data"]["empty"]
-
-
-def test_optional_benchmark_missing_records_why(tmp_path):
-    out = tmp_path / "sequence.json"
-    subprocess.run([sys.executable, str(BENCH / "run_optional.py"), "--script",
-                    str(tmp_path / "bench_sequence.py"), "--out", str(out)], check=True)
-    assert "does not exist" in json.loads(out.read_text())["missing"]
 
 
 def test_table6_layout(tmp_path):
@@ -206,7 +199,7 @@ def test_sequence_figure_from_bench_sequence_layout(tmp_path):
     """bench_sequence.py's rows (config, tokens, peak_bytes_per_rank, step_time_s) are drawn."""
     rows = [{"config": c, "tokens": t, "peak_bytes_per_rank": t * k, "step_time_s": t / 1e3}
             for c, k in (("sp1", 4), ("ulysses_sp2", 2)) for t in (64, 256)]
-    doc = {"benchmark": "sequence", "files": {"sequence_scaling": _doc(rows=rows)}}
+    doc = _doc(rows=rows)
     out = tmp_path / "sequence.png"
     P.main(["sequence", "--out", str(out), _write(tmp_path / "sequence.json", doc)])
     data = _check_figure(out)["data"]

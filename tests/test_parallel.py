@@ -149,8 +149,8 @@ def test_layout_from_config():
 
 
 def _par(**kw) -> dict:
-    return {"engine": "torch", "processes": 1, "dp_replicate": 0, "dp_shard": 1, "tp": 1,
-            "sp": 1, "sp_mode": "ulysses", "dchag": None, "layout": "manual", **kw}
+    return {"engine": "torch", "processes": 1, "pp": 1, "dp_replicate": 0, "dp_shard": 1,
+            "tp": 1, "sp": 1, "sp_mode": "ulysses", "dchag": None, "layout": "manual", **kw}
 
 
 def test_uneven_layouts_name_the_numbers_and_the_nearest_valid_choice():

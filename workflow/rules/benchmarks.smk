@@ -122,8 +122,7 @@ rule bench_pipeline:
         bench_shell("pipeline")
 
 
-# Sequence-length scaling (Ulysses / LSS) comes from benchmarks/bench_sequence.py when this
-# checkout has it; otherwise the JSON records why there is nothing, and the figure says so.
+# Sequence-length scaling: step time and peak memory per rank vs tokens (sp 1, Ulysses, LSS).
 rule bench_sequence:
     output:
         f"{BENCH_DIR}/{{size}}/sequence.json",
@@ -135,12 +134,9 @@ rule bench_sequence:
         "../../envs/cpu.yaml"
     threads: BENCH_THREADS
     params:
-        script=os.path.join(BENCH_SCRIPTS, "bench_sequence.py"),
-        runner=os.path.join(BENCH_SCRIPTS, "run_optional.py"),
         options=lambda wildcards: bench_options(wildcards.size, "sequence"),
     shell:
-        "python {params.runner:q} --script {params.script:q} --out {output:q}"
-        " -- {params.options} > {log} 2>&1"
+        bench_shell("sequence")
 
 
 rule bench:

@@ -218,7 +218,7 @@ class _Loop:
                      if k not in ("preset", "architecture")}
         # inputs may differ from the targets (other datasets, pressure levels, calendar)
         inputs = attrs.get("inputs", self.variables)
-        self.architecture = config["model"].get("architecture", "reslim")
+        self.architecture = config["model"]["architecture"]
         base = build_model(config["model"]["preset"], inputs, self.variables,
                            self.statics, architecture=self.architecture, mag=attrs["factor"],
                            **overrides)

@@ -256,7 +256,7 @@ def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
 def resolve_sizes(par: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The layout sizes of a ``parallel`` config section with ``dp_replicate: 0`` (auto) filled
     from the world size."""
-    sizes = {k: par.get(k, 1) for k in ("pp", "dp_replicate", "dp_shard", "tp", "sp")}
+    sizes = {k: par[k] for k in ("pp", "dp_replicate", "dp_shard", "tp", "sp")}
     rest = sizes["pp"] * sizes["dp_shard"] * sizes["tp"] * sizes["sp"]
     if sizes["dp_replicate"] == 0:
         if world_size % rest:
@@ -283,7 +283,7 @@ def _nearest_hint(par: dict[str, Any], world: int, cfg: Any = None) -> str:
     depth = getattr(cfg, "depth", None)
     choice: dict[str, int] = {}
     left = world
-    if par.get("pp", 1) > 1:
+    if par["pp"] > 1:
         choice["pp"] = _nearest(par["pp"], [d for d in _divisors(left)
                                              if depth is None or depth % d == 0])
         left //= choice["pp"]
@@ -315,7 +315,7 @@ def check_parallel_config(par: dict[str, Any], cfg: Any, batch_size: int | None 
             raise LayoutError(_message([
                 "parallel.layout: auto plans layouts of the torch engine; with engine: "
                 "deepspeed (plain data parallelism under ZeRO) set parallel.layout: manual"]))
-        if any(par.get(k, 1) != 1 for k in ("dp_shard", "tp", "sp", "pp")) or par["dchag"]:
+        if any(par[k] != 1 for k in ("dp_shard", "tp", "sp", "pp")) or par["dchag"]:
             raise LayoutError(_message([
                 "parallel.engine is 'deepspeed', which shards with ZeRO (parallel.zero_stage) over "
                 "plain data parallelism; set parallel.dp_shard, tp, sp and pp to 1 and dchag: "
@@ -326,7 +326,7 @@ def check_parallel_config(par: dict[str, Any], cfg: Any, batch_size: int | None 
         return  # the planner picks a valid layout when the ranks start
     world = par["processes"]
     if world <= 1:  # srun decides: check the model against the layout as given
-        world = (par.get("pp", 1) * par["dp_shard"] * par["tp"] * par["sp"]
+        world = (par["pp"] * par["dp_shard"] * par["tp"] * par["sp"]
                  * max(1, par["dp_replicate"]))
     layout = Layout.from_config(resolve_sizes(par, world))
     try:
@@ -356,7 +356,7 @@ AUTO_KEYS = {"dp_replicate": 0, "dp_shard": 1, "tp": 1, "sp": 1, "sp_mode": "uly
 def _check_auto(par: dict[str, Any]) -> None:
     """``layout: auto`` owns the layout keys: any other value would be silently overridden."""
     set_by_hand = [f"{k}: {par[k]}" for k, default in AUTO_KEYS.items()
-                   if par.get(k, default) != default]
+                   if par[k] != default]
     if set_by_hand:
         raise LayoutError(_message([
             f"parallel.layout is 'auto' (the planner chooses the layout at start-up) but "
@@ -371,18 +371,20 @@ def check_config(config: dict[str, Any]) -> None:
 
     from ..config import ConfigError, stage_names
     from ..model.presets import PRESETS
+    from ..model.reslim import ReslimConfig
 
     model = {**PRESETS[config["model"]["preset"]], **config["model"]}
     if config["parallel"]["dchag"] and model["architecture"] != "reslim":
         raise ConfigError(f"config key parallel.dchag: D-CHAG splits Reslim's channel "
                           f"aggregation; model.architecture {model['architecture']} has none: "
                           "remove parallel.dchag")
-    if config["parallel"].get("pp", 1) > 1 and model["architecture"] != "reslim":
+    if config["parallel"]["pp"] > 1 and model["architecture"] != "reslim":
         raise ConfigError(f"config key parallel.pp: the pipeline splits Reslim's blocks into "
                           f"stages; model.architecture {model['architecture']} is not "
                           "supported: set parallel.pp: 1")
     cfg = SimpleNamespace(num_heads=model["num_heads"], embed_dim=model["embed_dim"],
-                          mlp_ratio=model.get("mlp_ratio", 4.0), depth=model["depth"],
+                          mlp_ratio=ReslimConfig.mlp_ratio,  # no config key sets it
+                          depth=model["depth"],
                           in_vars=stage_names(config)["inputs"],
                           static_vars=list(config["statics"]))
     try:

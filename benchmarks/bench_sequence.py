@@ -9,7 +9,8 @@ torch's ``MemTracker`` over one step after the warm-up: the bytes of every live 
 devices, unlike the CPU's resident set. The planner's estimate (``parallel.planner``) is written
 next to each measurement.
 
-JSON (``benchmarks/results/sequence_scaling.json``), besides ``args``/``machine``/``command``:
+JSON (``benchmarks/results/sequence.json``; the rule ``bench_sequence`` writes it as
+``results/benchmarks/<size>/sequence.json``), besides ``args``/``machine``/``command``:
 
 - ``rows``: one per (configuration, sequence length) with ``config`` ("sp1", "ulysses_sp2",
   "lss_sp2"), ``sp_mode``, ``sp``, ``processes``, ``device``, ``coarse_pixels`` (side of the
@@ -147,9 +148,9 @@ def main() -> None:
                 title=f"sequence scaling, D={args.dim}, depth {args.depth}, {args.heads} heads, "
                 f"batch {args.batch}, {dev} ({MEMORY_METHOD})")
     print("largest tokens under the cap:", largest)
-    write_results("sequence_scaling", {"args": opts, "rows": rows, "cap_bytes": cap,
-                                       "largest_tokens_under_cap": largest,
-                                       "memory_method": MEMORY_METHOD, "table": table}, dev)
+    write_results("sequence", {"args": opts, "rows": rows, "cap_bytes": cap,
+                               "largest_tokens_under_cap": largest,
+                               "memory_method": MEMORY_METHOD, "table": table}, dev)
 
 
 if __name__ == "__main__":

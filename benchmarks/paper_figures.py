@@ -12,6 +12,7 @@ CSV) from results/evaluation/metrics.csv.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -57,12 +58,24 @@ def empty(out: Path, title: str, reason: str, docs: list[dict] | None = None) ->
     finish(fig, out, docs or [], {"empty": reason})
 
 
-def reslim_vs_vit(out: Path, paths: list[str]) -> None:
-    doc = load(paths[0])
-    cases = pd.DataFrame(doc.get("cases", []))
-    title = "Reslim vs upsample-first ViT: training step vs output resolution"
-    if cases.empty:
-        return empty(out, title, f"{paths[0]} has no cases", [doc])
+def from_cases(title: str) -> Callable[[Callable], Callable[[Path, list[str]], None]]:
+    """A figure drawn from the ``cases`` of one benchmark JSON: ``draw(doc, cases, title)``
+    returns (figure, data drawn); without cases the figure says so instead."""
+    def wrap(draw: Callable[[dict, pd.DataFrame, str], tuple[plt.Figure, Any]]):
+        @functools.wraps(draw)
+        def figure(out: Path, paths: list[str]) -> None:
+            doc = load(paths[0])
+            cases = pd.DataFrame(doc.get("cases", []))
+            if cases.empty:
+                return empty(out, title, f"{paths[0]} has no cases", [doc])
+            fig, data = draw(doc, cases, title)
+            finish(fig, out, [doc], data)
+        return figure
+    return wrap
+
+
+@from_cases("Reslim vs upsample-first ViT: training step vs output resolution")
+def reslim_vs_vit(doc: dict, cases: pd.DataFrame, title: str) -> tuple[plt.Figure, Any]:
     r = cases[cases.model == "reslim"].set_index(["mag", "coarse"])
     u = cases[cases.model == "upsample_vit"].set_index(["mag", "coarse"])
     ratio = pd.DataFrame({
@@ -103,18 +116,14 @@ def reslim_vs_vit(out: Path, paths: list[str]) -> None:
     a1.set_title("Throughput")
     a2.set_title("Speed-up and memory ratio (dotted: published)")
     fig.suptitle(title)
-    finish(fig, out, [doc], {"measured": ratio.to_dict("records"),
-                             "model": {"coefficients": coef, "patch": patch,
-                                       "equation": "t = a + b F + c L + d L^2"},
-                             "predicted": predicted})
+    return fig, {"measured": ratio.to_dict("records"),
+                 "model": {"coefficients": coef, "patch": patch,
+                           "equation": "t = a + b F + c L + d L^2"},
+                 "predicted": predicted}
 
 
-def tiles(out: Path, paths: list[str]) -> None:
-    doc = load(paths[0])
-    cases = pd.DataFrame(doc.get("cases", []))
-    title = "TILES: tiled vs untiled cost as the domain grows"
-    if cases.empty:
-        return empty(out, title, f"{paths[0]} has no cases", [doc])
+@from_cases("TILES: tiled vs untiled cost as the domain grows")
+def tiles(doc: dict, cases: pd.DataFrame, title: str) -> tuple[plt.Figure, Any]:
     t = cases[cases["mode"] == "tiled"].set_index("area")
     u = cases[cases["mode"] == "untiled"].set_index("area")
     data = pd.DataFrame({"tiles": t["sequences"], "tiled_s": t["s_per_sample"],
@@ -138,7 +147,7 @@ def tiles(out: Path, paths: list[str]) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    finish(fig, out, [doc], data.to_dict("records"))
+    return fig, data.to_dict("records")
 
 
 def dchag(out: Path, paths: list[str]) -> None:
@@ -185,20 +194,12 @@ def dchag(out: Path, paths: list[str]) -> None:
 def sequence(out: Path, paths: list[str]) -> None:
     doc = load(paths[0])
     title = "Sequence length vs memory per rank and step time (Ulysses / LSS)"
-    if doc.get("missing"):
-        return empty(out, title, doc["missing"], [doc])
-    rows = []
-    for name, sub in doc.get("files", {}).items():
-        for case in sub.get("cases", sub.get("rows", [])):
-            if isinstance(case, dict):
-                rows.append({"file": name, **{k: v for k, v in case.items()
-                                              if not isinstance(v, (dict, list))}})
-    data = pd.DataFrame(rows)
-    subdocs = list(doc.get("files", {}).values())
+    data = pd.DataFrame([{k: v for k, v in row.items() if not isinstance(v, (dict, list))}
+                         for row in doc.get("rows", [])])
     xkey = next((k for k in ("tokens", "seq_len", "sequence_length") if k in data), None)
     if data.empty or xkey is None:
         return empty(out, title, "bench_sequence.py wrote no cases with a sequence length "
-                     f"(columns: {sorted(data.columns)[:12]})", subdocs)
+                     f"(columns: {sorted(data.columns)[:12]})", [doc])
     # bench_sequence.py's names first, then the generic ones
     ykeys = [next(k for k in keys if k in data) for keys in
              (("peak_bytes_per_rank", "peak_bytes"), ("step_time_s", "step_s"))
@@ -218,15 +219,39 @@ def sequence(out: Path, paths: list[str]) -> None:
                     color=REF_STYLE["color"])
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    finish(fig, out, subdocs, data.to_dict("records"))
+    finish(fig, out, [doc], data.to_dict("records"))
 
 
-def scaling(out: Path, paths: list[str]) -> None:
+def pipeline(out: Path, paths: list[str]) -> None:
+    """Pipeline bubble vs micro-batches, one line per (schedule, stages), against the theory
+    (p-1)/(m+p-1) drawn as dotted lines."""
     doc = load(paths[0])
-    cases = pd.DataFrame(doc.get("cases", []))
-    title = "Data-parallel training step: strong and weak scaling"
-    if cases.empty:
-        return empty(out, title, f"{paths[0]} has no cases", [doc])
+    title = "Pipeline bubble vs micro-batches: measured (GPipe / 1F1B) and (p-1)/(m+p-1)"
+    rows = pd.DataFrame([r for r in doc.get("rows", []) if "bubble" in r])
+    if rows.empty:
+        return empty(out, title, f"{paths[0]} has no measured rows", [doc])
+    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+    for i, (p, g) in enumerate(rows.groupby("stages")):
+        m = sorted(g["microbatches"].unique())
+        ax.plot(m, [(p - 1) / (k + p - 1) for k in m], color=f"C{i}", ls=":", lw=1.2,
+                label=f"p={p} theory")
+        for sched, marker in (("gpipe", "o-"), ("1f1b", "s--")):
+            h = g[g["schedule"] == sched].sort_values("microbatches")
+            if not h.empty:
+                ax.plot(h["microbatches"], h["bubble"], marker, color=f"C{i}",
+                        label=f"p={p} {sched} (ours)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("micro-batches m")
+    ax.set_ylabel("bubble fraction of a step")
+    ax.set_ylim(0, 1)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    finish(fig, out, [doc], rows.to_dict("records"))
+
+
+@from_cases("Data-parallel training step: strong and weak scaling")
+def scaling(doc: dict, cases: pd.DataFrame, title: str) -> tuple[plt.Figure, Any]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for mode, g in cases.groupby("mode"):
         a1.plot(g["processes"], g["samples_per_s"], "o-", label=f"{mode} (ours)")
@@ -243,15 +268,11 @@ def scaling(out: Path, paths: list[str]) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    finish(fig, out, [doc], cases.to_dict("records"))
+    return fig, cases.to_dict("records")
 
 
-def mfu(out: Path, paths: list[str]) -> None:
-    doc = load(paths[0])
-    cases = pd.DataFrame(doc.get("cases", []))
-    title = "MFU of a training step (fwd+bwd+AdamW) against the matmul peak of the same run"
-    if cases.empty:
-        return empty(out, title, f"{paths[0]} has no cases", [doc])
+@from_cases("MFU of a training step (fwd+bwd+AdamW) against the matmul peak of the same run")
+def mfu(doc: dict, cases: pd.DataFrame, title: str) -> tuple[plt.Figure, Any]:
     data = cases[["preset", "params", "flops_per_step", "step_s", "samples_per_s",
                   "tokens_per_s", "mfu"]]
     fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
@@ -266,15 +287,11 @@ def mfu(out: Path, paths: list[str]) -> None:
     ax.set_ylabel("MFU (%)")
     ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    finish(fig, out, [doc], data.to_dict("records"))
+    return fig, data.to_dict("records")
 
 
-def inference(out: Path, paths: list[str]) -> None:
-    doc = load(paths[0])
-    cases = pd.DataFrame(doc.get("cases", []))
-    title = "Inference: ms per sample vs batch (tile of the infer stage)"
-    if cases.empty:
-        return empty(out, title, f"{paths[0]} has no cases", [doc])
+@from_cases("Inference: ms per sample vs batch (tile of the infer stage)")
+def inference(doc: dict, cases: pd.DataFrame, title: str) -> tuple[plt.Figure, Any]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     a1.loglog(cases["batch"], cases["ms_per_sample"], "o-", label="ours")
     ref = PUBLISHED["inference_ms"]
@@ -288,7 +305,7 @@ def inference(out: Path, paths: list[str]) -> None:
     a1.legend(fontsize=7)
     fig.suptitle(f"{title}, preset {doc.get('args', {}).get('preset', '?')}")
     data = cases[["batch", "ms_per_sample", "samples_per_s", "peak_bytes"]]
-    finish(fig, out, [doc], {"cases": data.to_dict("records"), **doc.get("summary", {})})
+    return fig, {"cases": data.to_dict("records"), **doc.get("summary", {})}
 
 
 # (metric, header, format): the columns of ORBIT-2's Table 6, our names for them
@@ -315,8 +332,8 @@ def table6(out: Path, paths: list[str]) -> None:
 
 FIGURES: dict[str, Callable[[Path, list[str]], None]] = {
     "reslim_vs_vit": reslim_vs_vit, "tiles": tiles, "dchag_memory": dchag,
-    "sequence": sequence, "train_scaling": scaling, "mfu": mfu, "inference": inference,
-    "table6": table6,
+    "sequence": sequence, "pipeline": pipeline, "train_scaling": scaling, "mfu": mfu,
+    "inference": inference, "table6": table6,
 }
 
 

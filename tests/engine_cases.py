@@ -22,17 +22,19 @@ from downscaler.launcher import TrainingInterrupted
 STOP_AT = 3  # of 6 steps: between the validations at steps 2 and 4
 MODEL = {"preset": "tiny", "embed_dim": 16, "depth": 1, "num_heads": 4, "decoder_depth": 1,
          "residual_channels": 4}
+PIPELINE_MODEL = {"depth": 4}  # the pipeline cases' override: 4 blocks split into 2 or 4 stages
 
 
-def make_config(out: Path, parallel: dict, clip: float, processes: int, init: str) -> dict:
+def make_config(out: Path, parallel: dict, clip: float, processes: int, init: str,
+                model: dict | None = None) -> dict:
     """The validated config of one run (2 variables + 2 statics: D-CHAG splits 4 channels),
-    starting from the weights ``init``."""
+    starting from the weights ``init``; ``model`` overrides keys of ``MODEL``."""
     train = {"init_from": init, "epochs": 3, "batch_size": 4, "workers": 0, "val_every_steps": 2,
              "log_every_steps": 1, "grad_clip": clip, "lr": 5e-3, "warmup_epochs": 0.5,
              "tv_weight": 0.02,  # the TV prior in the loss too (tolerances measured with it)
              "patience": 0, "precision": "fp32", "log_dir": str(out / "logs")}
     return validate_config({
-        "seed": 11, "model": MODEL, "train": train,
+        "seed": 11, "model": {**MODEL, **(model or {})}, "train": train,
         "variables": ["2m_temperature", "total_precipitation"],
         "statics": ["orography", "land_sea_mask"],
         "parallel": {"processes": processes, "device": "cpu", **parallel}})
@@ -86,7 +88,7 @@ def run_case(out: Path, config: dict, stores: tuple[str, str], dtype: torch.dtyp
     return result
 
 
-def initial_weights(path: Path) -> str:
+def initial_weights(path: Path, model_overrides: dict | None = None) -> str:
     """A checkpoint of the test model with every weight perturbed, so that each part of the
     model (blocks, D-CHAG's private weights) carries a real share of the gradient norm: at the
     zero-ish initialisation the residual path dwarfs the rest and a wrong share would hide."""
@@ -94,7 +96,7 @@ def initial_weights(path: Path) -> str:
     from downscaler.model.presets import build_model
 
     torch.manual_seed(0)
-    overrides = {k: v for k, v in MODEL.items() if k != "preset"}
+    overrides = {k: v for k, v in {**MODEL, **(model_overrides or {})}.items() if k != "preset"}
     model = build_model("tiny", ["t2m", "tp"], ["t2m", "tp"], ["orog", "lsm"], mag=4,
                         **overrides)
     gen = torch.Generator().manual_seed(5)
@@ -130,7 +132,8 @@ def world_cases(rank: int, world: int, cases: list[dict], stores: tuple[str, str
     results = {}
     for case in cases:
         out = Path(root) / case["name"]
-        config = make_config(out, case["parallel"], case["clip"], world, init)
+        config = make_config(out, case["parallel"], case["clip"], world, case.get("init", init),
+                             case.get("model"))
         results[case["name"]] = run_case(out, config, stores, case["dtype"])
     return results if rank == 0 else {}
 

@@ -52,3 +52,60 @@ def test_bad_config_is_rejected_naming_the_key(change, message):
     change(config)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+# -- the typed configuration (downscaler.settings): built from the schema's defaults only ------
+
+
+def test_typed_settings_from_the_default_and_the_demo_config():
+    from downscaler.settings import EnsembleConfig, InferenceInput, Settings
+
+    default = Settings.from_validated(validate_config({}))
+    assert default.tiles.memory_mb == 512 and default.regrid.scheduler == "threads"
+    assert default.infer.ensemble == EnsembleConfig(mc_dropout=0, checkpoints=(), seed=0)
+    assert default.train.betas == (0.9, 0.99) and default.parallel.tp == 1
+    assert default.model.embed_dim is None  # an override the schema leaves unset
+    demo = validate_config({**DEMO, "inference_inputs": {"gcm": {
+        "source": "cmip6", "root": "/data", "source_id": "M", "experiment": "historical"}}})
+    settings = Settings.from_validated(demo)
+    assert settings.targets.variables == tuple(demo["targets"]["variables"])
+    assert settings.split.test.start == demo["split"]["test"]["start"]
+    gcm = settings.inference_inputs["gcm"]
+    assert isinstance(gcm, InferenceInput) and gcm.member == "r1i1p1f1" and gcm.paths is None
+
+
+def test_a_missing_key_is_named_and_not_defaulted():
+    from downscaler.settings import Settings, typed
+
+    config = validate_config({})
+    del config["tiles"]["memory_mb"]
+    with pytest.raises(ConfigError, match=r"\['tiles\.memory_mb'\].*validate_config"):
+        typed(config, "tiles")
+    config["tiles"]["memory_mb"] = 512
+    del config["infer"]["ensemble"]["seed"]
+    with pytest.raises(ConfigError, match=r"\['infer\.ensemble\.seed'\]"):
+        Settings.from_validated(config)
+
+
+def test_a_partial_section_is_completed_from_the_schema():
+    from downscaler.settings import from_schema
+
+    tiles = from_schema("tiles", {"div_lat": 3, "halo": 1})
+    schema = load_schema()["properties"]["tiles"]["properties"]
+    assert (tiles.div_lat, tiles.halo) == (3, 1)
+    assert tiles.memory_mb == schema["memory_mb"]["default"]
+
+
+def test_no_typed_section_declares_a_default():
+    """The schema is the only source of defaults: a default here would be a second one."""
+    import dataclasses
+
+    from downscaler import settings, train_config
+
+    classes = [c for m in (settings, train_config) for c in vars(m).values()
+               if dataclasses.is_dataclass(c) and c.__module__ == m.__name__]
+    assert len(classes) > 10
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and (
+                f.default_factory is dataclasses.MISSING), f"{cls.__name__}.{f.name}"

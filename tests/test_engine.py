@@ -5,7 +5,9 @@ the data-parallel ranks get padded shards), is stopped at step 3 and resumed; it
 losses, gradient norms, validation losses and published best checkpoint must equal a
 single-process run of the same config: to 1e-10 in float64 for the torch engine (DDP, FSDP2,
 HSDP, TP, SP (Ulysses and LSS) and their combinations, D-CHAG linear, cross and tree-cross
-with TP and FSDP, ``parallel.layout: auto``), to float32
+with TP and FSDP, ``parallel.layout: auto``, pipelines of 2 and 4 stages (GPipe and 1F1B, 4
+blocks) alone and with TP and DDP: their stop at step 3 and resume is the pipeline's resume
+test), to float32
 rounding for DeepSpeed ZeRO 1-3 (its engine trains in float32: logged numbers to 5e-6, weights
 to rtol 2e-3 / atol 1e-5). D-CHAG is compared with the
 single-process D-CHAG model (``parallel.dchag.reference_model``), the model its checkpoint holds.
@@ -42,6 +44,8 @@ WORLD2 = [
     {"name": "auto", "parallel": {"layout": "auto"}},
     {"name": "auto_fsdp",
      "parallel": {"layout": "auto", "memory_gib": cases.fsdp_only_budget_gib(2)}},
+    {"name": "pp_gpipe", "parallel": {"pp": 2, "pp_schedule": "gpipe", "microbatches": 4},
+     "model": cases.PIPELINE_MODEL},
     *({"name": f"zero{k}", "parallel": {"engine": "deepspeed", "zero_stage": k}, "dtype": F32}
       for k in (1, 2, 3) if HAS_DEEPSPEED),
 ]
@@ -54,9 +58,13 @@ WORLD4 = [
     {"name": "fsdp_tp", "parallel": {"dp_shard": 2, "tp": 2}},
     {"name": "dchag_linear_fsdp", "parallel": {"dp_shard": 2, "tp": 2, "dchag": "linear"}},
     {"name": "dchag_cross_fsdp", "parallel": {"dp_shard": 2, "tp": 2, "dchag": "cross"}},
+    {"name": "pp4_1f1b", "parallel": {"pp": 4}, "model": cases.PIPELINE_MODEL},
+    {"name": "pp_tp", "parallel": {"pp": 2, "tp": 2}, "model": cases.PIPELINE_MODEL},
+    {"name": "pp_dp", "parallel": {"pp": 2, "dp_replicate": 2, "pp_schedule": "gpipe"},
+     "model": cases.PIPELINE_MODEL},
 ]
 _AUTO = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "sp": 1, "sp_mode": "ulysses",
-         "dchag": None, "activation_checkpointing": False}
+         "dchag": None, "activation_checkpointing": False, "pp": 1}
 # what `layout: auto` must choose on 2 processes: plain DDP when memory is plentiful, FSDP when
 # the budget (memory_gib) lies between the FSDP and DDP estimates
 AUTO_CHOICE = {"auto": {**_AUTO, "dp_replicate": 2}, "auto_fsdp": {**_AUTO, "dp_shard": 2}}
@@ -87,8 +95,15 @@ def init(tmp_path_factory) -> str:
     return cases.initial_weights(tmp_path_factory.mktemp("engine_init") / "init.pt")
 
 
+@pytest.fixture(scope="module")
+def init_pp(tmp_path_factory) -> str:
+    """The initial weights of the pipeline cases' 4-block model."""
+    return cases.initial_weights(tmp_path_factory.mktemp("engine_init_pp") / "init.pt",
+                                 cases.PIPELINE_MODEL)
+
+
 def _reference(root: Path, stores, init: str, dtype: torch.dtype,
-               dchag: str | None = None) -> dict:
+               dchag: str | None = None, model: dict | None = None) -> dict:
     """One process, the same config; for D-CHAG the single-process D-CHAG model (what
     ``apply_dchag`` on 2 ranks computes, built from the same initial model)."""
     import downscaler.train as train_mod
@@ -100,34 +115,44 @@ def _reference(root: Path, stores, init: str, dtype: torch.dtype,
             return build(reference_model(base, 2, dchag), *args, **kwargs)
         train_mod.build_engine = patched
     try:
-        config = cases.make_config(root, {}, CLIP, 1, init)
+        config = cases.make_config(root, {}, CLIP, 1, init, model)
         return cases.run_case(root, config, stores, dtype, interrupt=False)
     finally:
         train_mod.build_engine = build
 
 
 @pytest.fixture(scope="module")
-def references(stores, init, tmp_path_factory) -> dict:
+def references(stores, init, init_pp, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("engine_reference")
     return {"f64": _reference(root / "f64", stores, init, F64),
+            "pp": _reference(root / "pp", stores, init_pp, F64, model=cases.PIPELINE_MODEL),
             "f32": _reference(root / "f32", stores, init, F32),
             "linear": _reference(root / "linear", stores, init, F64, "linear"),
             "cross": _reference(root / "cross", stores, init, F64, "cross"),
             "tree-cross": _reference(root / "tree-cross", stores, init, F64, "tree-cross")}
 
 
-def _world(world: int, table: list[dict], stores, init: str, root: Path) -> dict:
+def _world(world: int, table: list[dict], stores, init: str, init_pp: str, root: Path) -> dict:
+    table = [{**c, "init": init_pp} if "model" in c else c for c in table]
     return spawn(cases.world_cases, world, table, stores, str(root), init, timeout=600)[0]
 
 
-@pytest.fixture(scope="module")
-def world2(stores, init, tmp_path_factory) -> dict:
-    return _world(2, WORLD2, stores, init, tmp_path_factory.mktemp("engine_world2"))
+def _want(references: dict, case: dict) -> dict:
+    """The single-process run a case must match."""
+    if "model" in case:
+        return references["pp"]
+    return references[case["parallel"].get("dchag") or ("f64" if case["dtype"] == F64
+                                                        else "f32")]
 
 
 @pytest.fixture(scope="module")
-def world4(stores, init, tmp_path_factory) -> dict:
-    return _world(4, WORLD4, stores, init, tmp_path_factory.mktemp("engine_world4"))
+def world2(stores, init, init_pp, tmp_path_factory) -> dict:
+    return _world(2, WORLD2, stores, init, init_pp, tmp_path_factory.mktemp("engine_world2"))
+
+
+@pytest.fixture(scope="module")
+def world4(stores, init, init_pp, tmp_path_factory) -> dict:
+    return _world(4, WORLD4, stores, init, init_pp, tmp_path_factory.mktemp("engine_world4"))
 
 
 def _numbers(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -165,8 +190,7 @@ def test_clipping_bites_in_the_reference(references):
 @pytest.mark.parametrize("case", WORLD2, ids=[c["name"] for c in WORLD2])
 def test_two_process_layout_matches_one_process(world2, references, case):
     name = case["name"]
-    want = references[case["parallel"].get("dchag") or ("f64" if case["dtype"] == F64
-                                                         else "f32")]
+    want = _want(references, case)
     got = world2[name]
     if case["parallel"].get("dchag"):
         assert got["dchag"] == {"variant": case["parallel"]["dchag"], "tp": 2}
@@ -179,8 +203,7 @@ def test_two_process_layout_matches_one_process(world2, references, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", WORLD4, ids=[c["name"] for c in WORLD4])
 def test_four_process_layout_matches_one_process(world4, references, case):
-    want = references[case["parallel"].get("dchag") or "f64"]
-    _check(world4[case["name"]], want, case)
+    _check(world4[case["name"]], _want(references, case), case)
 
 
 def test_bf16_fsdp_gets_a_mixed_precision_policy():

@@ -62,7 +62,8 @@ def test_seam_errors_vanish_with_halos_and_sit_at_borders_without():
     # within FACTOR of an inner border err (edge padding matches the model's own at the domain
     # edges).
     truth = downscale(model, payload, coarse, static, div=(1, 1))
-    errors = S.seam_errors(model, payload, coarse, xr.merge([truth, static]), time_chunk=3)
+    errors = S.seam_errors(model, payload, coarse, xr.merge([truth, static]), batch_size=64,
+                           time_chunk=3)
     assert set(errors["setting"]) == {"halo 1 (as trained)", "halo 0", "whole domain, no tiles"}
     for setting, part in errors.groupby("setting"):
         near = part[part["distance"] < FACTOR]["rmse"]
@@ -91,7 +92,8 @@ def test_one_tile_has_no_seams_and_a_note_instead_of_a_figure(tmp_path):
     coarse, fine, static, stats = _data(n_time=2, n_lat=8, n_lon=8)
     payload = _payload(stats, div=(1, 1), halo=0, patch=1)
     assert S.seam_settings(payload) == {"halo 0 (as trained)": {}}
-    errors = S.seam_errors(LocalModel(), payload, coarse, xr.merge([fine, static]))
+    errors = S.seam_errors(LocalModel(), payload, coarse, xr.merge([fine, static]),
+                           batch_size=64, time_chunk=32)
     assert errors.empty and list(errors.columns) == S.COLUMNS
     paths = write_seams(errors, tmp_path / "seams.csv", tmp_path / "seams.png", 0)
     _check(paths, tmp_path / "seams")

@@ -138,7 +138,7 @@ def test_output_carries_cf_attrs_and_provenance(tmp_path, fmt):
     out = tmp_path / ("out.nc" if fmt == "netcdf" else "out.zarr")
     period = {"start": "2000-01-02", "end": "2000-01-04"}
     sizes = I.run_inference(ckpt, tmp_path / "coarse.nc", tmp_path / "fine.nc", out,
-                            period=period, fmt=fmt, time_chunk=2)
+                            period=period, settings={"format": fmt, "time_chunk": 2})
     assert sizes == [2, 1]
     with I.open_downscaled(out) as ds:
         assert ds.sizes == {"time": 3, "lat": 32, "lon": 64}
@@ -160,8 +160,8 @@ def test_several_processes_write_the_same_file(tmp_path):
     coarse, fine, static, stats = _data(n_time=5)
     ckpt = _checkpoint(tmp_path, coarse, fine, static, stats)
     args = (ckpt, tmp_path / "coarse.nc", tmp_path / "fine.nc")
-    I.run_inference(*args, tmp_path / "one.nc", time_chunk=2)
-    sizes = I.run_inference(*args, tmp_path / "two.nc", time_chunk=2, processes=2)
+    I.run_inference(*args, tmp_path / "one.nc", settings={"time_chunk": 2})
+    sizes = I.run_inference(*args, tmp_path / "two.nc", settings={"time_chunk": 2, "processes": 2})
     assert max(sizes) <= 2 and sum(sizes) == 5
     with xr.open_dataset(tmp_path / "one.nc") as a, xr.open_dataset(tmp_path / "two.nc") as b:
         xr.testing.assert_equal(a, b)
@@ -269,9 +269,10 @@ def test_deep_ensemble_of_checkpoints_and_processes(tmp_path):
                     tiling=_payload(stats)["tiling"], res_km=111.0, config={"seed": 8})
     args = (ckpt, tmp_path / "coarse.nc", tmp_path / "fine.nc")
     ens = {"checkpoints": [str(tmp_path / "other.pt")], "mc_dropout": 0, "seed": 0}
-    I.run_inference(*args, tmp_path / "ens.nc", time_chunk=2, ensemble=ens)
-    I.run_inference(*args, tmp_path / "one.nc", time_chunk=2)
-    I.run_inference(*args, tmp_path / "ens2.nc", time_chunk=2, ensemble=ens, processes=2)
+    I.run_inference(*args, tmp_path / "ens.nc", settings={"time_chunk": 2, "ensemble": ens})
+    I.run_inference(*args, tmp_path / "one.nc", settings={"time_chunk": 2})
+    I.run_inference(*args, tmp_path / "ens2.nc",
+                    settings={"time_chunk": 2, "ensemble": ens, "processes": 2})
     with (xr.open_dataset(tmp_path / "ens.nc") as e, xr.open_dataset(tmp_path / "one.nc") as o,
           xr.open_dataset(tmp_path / "ens2.nc") as e2):
         assert e.sizes["member"] == 2 and "ensemble" in e.attrs
@@ -283,5 +284,5 @@ def test_deep_ensemble_of_checkpoints_and_processes(tmp_path):
     save_checkpoint(tmp_path / "bad.pt", bad, variables=VARS, statics=STATICS, stats=stats,
                     tiling={**_payload(stats)["tiling"], "halo": 2}, res_km=111.0)
     with pytest.raises(ValueError, match="tiling"):
-        I.run_inference(*args, tmp_path / "x.nc", ensemble={"checkpoints": [str(tmp_path /
-                                                                                 "bad.pt")]})
+        I.run_inference(*args, tmp_path / "x.nc",
+                        settings={"ensemble": {"checkpoints": [str(tmp_path / "bad.pt")]}})

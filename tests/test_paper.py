@@ -127,7 +127,7 @@ def test_figures_from_each_benchmark_layout(tmp_path):
 
 
 @pytest.mark.parametrize("name, doc, reason", [
-    ("sequence", {"missing": "benchmarks/bench_sequence.py does not exist"}, "does not exist"),
+    ("sequence", {"rows": []}, "wrote no cases"),
     ("dchag_memory", {"args": {"variant": "tree"}, "cases": [], "unsupported": "no tree"},
      "no tree"),
     ("train_scaling", {"cases": []}, "has no cases"),
@@ -136,13 +136,6 @@ def test_a_figure_without_data_says_why(tmp_path, name, doc, reason):
     out = tmp_path / f"{name}.png"
     P.main([name, "--out", str(out), _write(tmp_path / "in.json", _doc(**doc))])
     assert reason in _check_figure(out)["data"]["empty"]
-
-
-def test_optional_benchmark_missing_records_why(tmp_path):
-    out = tmp_path / "sequence.json"
-    subprocess.run([sys.executable, str(BENCH / "run_optional.py"), "--script",
-                    str(tmp_path / "bench_sequence.py"), "--out", str(out)], check=True)
-    assert "does not exist" in json.loads(out.read_text())["missing"]
 
 
 def test_table6_layout(tmp_path):
@@ -172,7 +165,7 @@ def test_paper_target_plans_every_figure(tmp_path):
     out = result.stdout + result.stderr
     for rule in ("bench_mfu", "bench_reslim_vs_baseline", "bench_tiles_scaling",
                  "bench_dchag_memory", "bench_train_scaling", "bench_inference",
-                 "bench_sequence", "paper_figure", "paper_table6"):
+                 "bench_sequence", "bench_pipeline", "paper_figure", "paper_table6"):
         assert rule in out, rule
 
 
@@ -206,11 +199,24 @@ def test_sequence_figure_from_bench_sequence_layout(tmp_path):
     """bench_sequence.py's rows (config, tokens, peak_bytes_per_rank, step_time_s) are drawn."""
     rows = [{"config": c, "tokens": t, "peak_bytes_per_rank": t * k, "step_time_s": t / 1e3}
             for c, k in (("sp1", 4), ("ulysses_sp2", 2)) for t in (64, 256)]
-    doc = {"benchmark": "sequence", "files": {"sequence_scaling": _doc(rows=rows)}}
+    doc = _doc(rows=rows)
     out = tmp_path / "sequence.png"
     P.main(["sequence", "--out", str(out), _write(tmp_path / "sequence.json", doc)])
     data = _check_figure(out)["data"]
     assert len(data) == 4 and {r["config"] for r in data} == {"sp1", "ulysses_sp2"}
+
+
+def test_pipeline_figure_from_bench_pipeline_layout(tmp_path):
+    """bench_pipeline.py's rows (measured bubble per schedule, stages, micro-batches) are drawn;
+    skipped combinations are left out."""
+    rows = [{"schedule": s, "stages": p, "microbatches": m, "bubble": (p - 1) / (m + p - 1)
+             + 0.03, "theory": (p - 1) / (m + p - 1)}
+            for s in ("gpipe", "1f1b") for p in (2, 4) for m in (2, 4, 8)]
+    rows.append({"schedule": "1f1b", "stages": 4, "microbatches": 1, "skipped": "m < p"})
+    out = tmp_path / "pipeline.png"
+    P.main(["pipeline", "--out", str(out), _write(tmp_path / "pipeline.json", _doc(rows=rows))])
+    data = _check_figure(out)["data"]
+    assert len(data) == 12 and {r["stages"] for r in data} == {2, 4}
 
 
 def test_cost_model_recovers_known_coefficients():

@@ -149,8 +149,8 @@ def test_layout_from_config():
 
 
 def _par(**kw) -> dict:
-    return {"engine": "torch", "processes": 1, "dp_replicate": 0, "dp_shard": 1, "tp": 1,
-            "sp": 1, "sp_mode": "ulysses", "dchag": None, "layout": "manual", **kw}
+    return {"engine": "torch", "processes": 1, "pp": 1, "dp_replicate": 0, "dp_shard": 1,
+            "tp": 1, "sp": 1, "sp_mode": "ulysses", "dchag": None, "layout": "manual", **kw}
 
 
 def test_uneven_layouts_name_the_numbers_and_the_nearest_valid_choice():
@@ -169,6 +169,35 @@ def test_uneven_layouts_name_the_numbers_and_the_nearest_valid_choice():
     with pytest.raises(LayoutError, match=r"dp_shard\*tp\*sp = 3 does not divide the 4 "
                                           r"processes; the nearest valid choice"):
         check_parallel_config(_par(processes=4, tp=3), cfg)
+
+
+def test_uneven_pipelines_name_the_numbers_and_the_nearest_valid_choice():
+    from downscaler.parallel.layout import check_parallel_config
+
+    cfg = _cfg(depth=6)
+    pipe = {"pp_schedule": "1f1b", "microbatches": 0}
+    with pytest.raises(LayoutError) as info:  # blocks not divisible by stages
+        check_parallel_config(_par(processes=4, pp=4, **pipe), cfg, batch_size=8)
+    msg = str(info.value)
+    assert "pp=4 pipeline stages cannot split depth=6 transformer blocks equally; the nearest " \
+           "valid pp is 3 (valid: [1, 2, 3, 6])" in msg
+    assert "the nearest valid choice for 4 processes is pp: 2, tp: 1, sp: 1, dp_shard: 1" in msg
+    with pytest.raises(LayoutError) as info:  # micro-batches must divide the per-rank batch
+        check_parallel_config(_par(processes=4, pp=2, **{**pipe, "microbatches": 3}), cfg,
+                              batch_size=8)
+    assert ("parallel.microbatches=3 does not divide the per-rank batch of 4 samples "
+            "(train.batch_size / data-parallel ranks); the nearest valid choice is 2 "
+            "(valid: [1, 2, 4])") in str(info.value)
+    with pytest.raises(LayoutError, match=r"pp_schedule: 1f1b needs at least one micro-batch "
+                                          r"per stage, but microbatches=1 < pp=2 \(per-rank "
+                                          r"batch 1\); raise train.batch_size to at least 2"):
+        check_parallel_config(_par(processes=4, pp=2, **pipe), cfg, batch_size=2)
+    check_parallel_config(_par(processes=4, pp=2, **{**pipe, "pp_schedule": "gpipe"}), cfg,
+                          batch_size=2)
+    with pytest.raises(LayoutError, match=r"pp=2 composes with tp and dp_replicate \(plain "
+                                          r"data parallelism\) only, not with dp_shard=2"):
+        check_parallel_config(_par(processes=4, pp=2, dp_shard=2, **pipe), cfg, batch_size=8)
+    check_parallel_config(_par(processes=8, pp=2, tp=2, **pipe), cfg, batch_size=8)  # pp x tp x dp
 
 
 def test_uneven_sequence_message():

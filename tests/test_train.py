@@ -429,7 +429,7 @@ def test_layout_is_checked_at_config_time():
     assert str(err.value).count("\n") <= 3  # one message
     with pytest.raises(ConfigError, match="num_heads=2 is not divisible by tp\\*sp"):
         validate_config({"model": SMALL_MODEL, "parallel": {"processes": 4, "tp": 4}})
-    with pytest.raises(ConfigError, match="deepspeed.*set parallel.dp_shard, tp and sp to 1"):
+    with pytest.raises(ConfigError, match="deepspeed.*set parallel.dp_shard, tp, sp and pp to 1"):
         validate_config({"model": SMALL_MODEL,
                          "parallel": {"processes": 2, "engine": "deepspeed", "tp": 2}})
     validate_config({"model": SMALL_MODEL, "parallel": {"processes": 4, "tp": 2}})  # fine

@@ -12,7 +12,7 @@ BENCH_THREADS = 1024
 
 def bench_options(size, name):
     """config["benchmarks"][size][name] as command-line options of bench_<name>.py."""
-    options = config["benchmarks"].get(size, {}).get(name)
+    options = config["benchmarks"][size].get(name)
     if options is None:
         raise ValueError(
             f"config benchmarks.{size}.{name} is missing: add the options of "
@@ -36,9 +36,9 @@ def bench_shell(name):
 
 def bench_results(size):
     """Every benchmark JSON of `size` that its config block asks for."""
-    names = [n for n in config["benchmarks"].get(size, {}) if n != "dchag_memory"]
+    names = [n for n in config["benchmarks"][size] if n != "dchag_memory"]
     files = [f"{BENCH_DIR}/{size}/{n}.json" for n in names]
-    if "dchag_memory" in config["benchmarks"].get(size, {}):
+    if "dchag_memory" in config["benchmarks"][size]:
         files += [
             f"{BENCH_DIR}/{size}/dchag_memory_{v}.json"
             for v in config["benchmarks"]["dchag_variants"]

@@ -123,8 +123,24 @@ rule bench_regrid:
         bench_shell("regrid")
 
 
-# Sequence-length scaling (Ulysses / LSS) comes from benchmarks/bench_sequence.py when this
-# checkout has it; otherwise the JSON records why there is nothing, and the figure says so.
+# The pipeline bubble vs (stages, micro-batches) against (p-1)/(m+p-1): GPipe and 1F1B.
+rule bench_pipeline:
+    output:
+        f"{BENCH_DIR}/{{size}}/pipeline.json",
+    log:
+        "logs/benchmarks/{size}/pipeline.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/pipeline.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: BENCH_THREADS
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "pipeline"),
+    shell:
+        bench_shell("pipeline")
+
+
+# Sequence-length scaling: step time and peak memory per rank vs tokens (sp 1, Ulysses, LSS).
 rule bench_sequence:
     output:
         f"{BENCH_DIR}/{{size}}/sequence.json",
@@ -136,12 +152,9 @@ rule bench_sequence:
         "../../envs/cpu.yaml"
     threads: BENCH_THREADS
     params:
-        script=os.path.join(BENCH_SCRIPTS, "bench_sequence.py"),
-        runner=os.path.join(BENCH_SCRIPTS, "run_optional.py"),
         options=lambda wildcards: bench_options(wildcards.size, "sequence"),
     shell:
-        "python {params.runner:q} --script {params.script:q} --out {output:q}"
-        " -- {params.options} > {log} 2>&1"
+        bench_shell("sequence")
 
 
 rule bench:

@@ -12,6 +12,7 @@ PAPER_INPUTS = {
         for v in config["benchmarks"]["dchag_variants"]
     ],
     "sequence": [f"{PAPER_B}/sequence.json"],
+    "pipeline": [f"{PAPER_B}/pipeline.json"],
     "train_scaling": [f"{PAPER_B}/train_scaling.json"],
     "mfu": [f"{PAPER_B}/mfu.json"],
     "inference": [f"{PAPER_B}/inference.json"],

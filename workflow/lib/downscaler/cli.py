@@ -17,6 +17,7 @@ import xarray as xr
 
 from downscaler.config import stage_names
 from downscaler.io import read_json, write_netcdf
+from downscaler.settings import InferenceInput, build, typed
 from downscaler.variables import calendar_names
 
 
@@ -41,7 +42,8 @@ def prepare_input(args, config: dict) -> None:
     spec = config["inference_inputs"][args.name]
     with xr.open_dataset(args.coarse) as coarse:
         grid = coarse[["lat", "lon"]].load()
-    ds = to_model_grid(open_inference_input(spec, config, args.raw_dir), grid)
+    typed_spec = build(InferenceInput, spec, f"inference_inputs.{args.name}")
+    ds = to_model_grid(open_inference_input(typed_spec, config, args.raw_dir), grid)
     if config["inputs"]["calendar"]:
         ds = xr.merge([ds, calendar_features(ds["time"].values,
                                              calendar_names(config["frequency"]), ds)])
@@ -53,12 +55,13 @@ def pairs(args, config: dict) -> None:
     from downscaler.pairs import write_pairs
 
     # dask chunks along time only: each chunk is regridded and written on its own
-    chunk = {"time": config["regrid"]["time_chunk"]}
+    regrid = typed(config, "regrid")
+    chunk = {"time": regrid.time_chunk}
     inputs = None
     if args.inputs != "none":
         inputs = xr.open_dataset(args.inputs, chunks=chunk)
     with xr.open_dataset(args.fields, chunks=chunk) as fields, xr.open_dataset(args.static) as st:
-        write_pairs(fields, st, config["regrid"], config["split"], stage_names(config),
+        write_pairs(fields, st, regrid, config["split"], stage_names(config),
                     args.fine, args.coarse, args.stats, inputs=inputs)
     if inputs is not None:
         inputs.close()
@@ -73,7 +76,8 @@ def tiles(args, config: dict) -> None:
         fine_part = split_by_time(fine, {args.split: config["split"][args.split]})[args.split]
         coarse_part = coarse.sel(time=fine_part["time"])
         write_tiles(fine_part, coarse_part, names["targets"], names["statics"],
-                    read_json(args.stats), config["tiles"], args.out, inputs=names["inputs"])
+                    read_json(args.stats), typed(config, "tiles"), args.out,
+                    inputs=names["inputs"])
 
 
 def train(args, config: dict) -> None:
@@ -102,15 +106,10 @@ def infer(args, config: dict) -> None:
         raise ValueError(f"--split must be 'all' or one of {sorted(config['split'])}, "
                          f"got {args.split!r}")
     period = None if args.split == "all" else config["split"][args.split]
-    opts = config["infer"]
-    # the ensemble applies to the model's own runs, not to a learned baseline's
-    ensemble = opts.get("ensemble") if args.architecture == "reslim" else None
     tally = MaskedTally()
     sizes = run_inference(args.checkpoint, args.coarse, args.fine, args.out, period=period,
-                          batch_size=opts["batch_size"], blend=opts["blend"],
-                          time_chunk=opts["time_chunk"], fmt=opts["format"],
-                          processes=opts["processes"], architecture=args.architecture,
-                          ensemble=ensemble, tally=tally)
+                          settings=typed(config, "infer"), architecture=args.architecture,
+                          tally=tally)
     print(f"infer: wrote {sum(sizes)} time steps in {len(sizes)} chunks to {args.out}")
     print(f"infer: {tally.summary()}")
 
@@ -156,7 +155,8 @@ def evaluate(args, config: dict) -> None:
     from downscaler.pairs import split_by_time
 
     limit_netcdf_cache()  # before any file is opened
-    opts = config["evaluate"]
+    opts = typed(config, "evaluate")
+    baselines = list(opts.baselines)
     test_split = {"test": config["split"]["test"]}
     stats = read_json(args.stats)
     fitted = None
@@ -173,15 +173,15 @@ def evaluate(args, config: dict) -> None:
             inputs, targets = io_lists(stats, list(ds.data_vars), inputs_fb)
             truth = split_by_time(fine, test_split)["test"]
             coarse_test = split_by_time(coarse, test_split)["test"]
-            ev = run_evaluation(ds, coarse_test, truth, opts["baselines"], inputs=inputs,
+            ev = run_evaluation(ds, coarse_test, truth, baselines, inputs=inputs,
                                 targets=targets, fitted=fitted, learned=learned,
-                                time_chunk=opts["time_chunk"], map_time=opts["map_time"])
+                                time_chunk=opts.time_chunk, map_time=opts.map_time)
     finally:
         for vit in learned.values():
             vit.close()
     table = ev.table()
     write_scores(table, args.metrics, args.table, args.verdict,
-                 unavailable_notes(opts["baselines"], inputs, targets))
+                 unavailable_notes(baselines, inputs, targets))
     write_training_curves(args.loss_log, args.figures)
     ev.write_figures(args.figures, table)
     missing = table[(table["metric"] == "missing_fraction") & (table["method"] == "reslim")]
@@ -197,16 +197,16 @@ def seams(args, config: dict) -> None:
     from downscaler.pairs import split_by_time
 
     model, payload = load_checkpoint(args.checkpoint)
-    opts = config["evaluate"]["seams"]
+    opts, infer_opts = typed(config, "evaluate").seams, typed(config, "infer")
     test_split = {"test": config["split"]["test"]}
     with xr.open_dataset(args.coarse) as coarse, xr.open_dataset(args.fine) as fine:
         coarse_test = split_by_time(coarse, test_split)["test"]
-        if opts["max_steps"]:
-            coarse_test = coarse_test.isel(time=slice(0, opts["max_steps"]))
+        if opts.max_steps:
+            coarse_test = coarse_test.isel(time=slice(0, opts.max_steps))
         errors = seam_errors(model, payload, coarse_test, fine,
-                             seam_settings(payload, opts["whole_domain"]),
-                             batch_size=config["infer"]["batch_size"],
-                             time_chunk=config["infer"]["time_chunk"])
+                             seam_settings(payload, opts.whole_domain),
+                             batch_size=infer_opts.batch_size,
+                             time_chunk=infer_opts.time_chunk)
     t = payload["tiling"]
     write_seams(errors, args.csv, args.figure, halo_fine=t["halo"] * t["factor"])
 

@@ -47,6 +47,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     _check_weights(config, given_weights)
     _derive(config)
     _check_layout(config)
+    _check_typed(config)
     return config
 
 
@@ -64,6 +65,14 @@ def _check_layout(config: dict) -> None:
     from downscaler.parallel.layout import check_config
 
     check_config(config)
+
+
+def _check_typed(config: dict) -> None:
+    """The typed view must build: a schema key without its dataclass field in settings.py or
+    train_config.py (or the reverse) fails here, at config time, not in a stage."""
+    from downscaler.settings import Settings
+
+    Settings.from_validated(config)
 
 
 # Flat keys of the single-dataset configuration, replaced by the `targets` / `inputs` blocks.

@@ -253,7 +253,7 @@ def limit_netcdf_cache(nbytes: int = NETCDF_CACHE_BYTES) -> None:
 def run_evaluation(downscaled: xr.Dataset, coarse: xr.Dataset, truth: xr.Dataset,
                    baselines: list[str], *, inputs: list[str] | None = None,
                    targets: list[str] | None = None, fitted: xr.Dataset | None = None,
-                   learned: dict[str, xr.Dataset] | None = None, time_chunk: int = 32,
+                   learned: dict[str, xr.Dataset] | None = None, time_chunk: int,
                    map_time: int = 0, log_precip: bool = True) -> Evaluation:
     """Score every method on the model's time steps, `time_chunk` steps at a time.
 

@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -29,6 +29,7 @@ from tqdm import tqdm
 import downscaler
 from downscaler.io import atomic_path
 from downscaler.pairs import denormalise
+from downscaler.settings import EnsembleConfig, InferConfig, as_dict, from_schema
 from downscaler.tiles_store import is_periodic, normalised_stack
 from downscaler.tiling import check_tiling, stitch, tile
 from downscaler.variables import BY_SHORT_NAME
@@ -392,13 +393,13 @@ def load_model(checkpoint: str | os.PathLike,
 
 
 def load_members(checkpoint: str | os.PathLike, architecture: str = "reslim",
-                 ensemble: dict | None = None) -> tuple[list[torch.nn.Module], dict]:
+                 ensemble: EnsembleConfig | None = None) -> tuple[list[torch.nn.Module], dict]:
     """The models of a run and the payload they share: the checkpoint, plus for a deep
-    ensemble (`ensemble["checkpoints"]`) the other members, which must have been trained on
+    ensemble (`ensemble.checkpoints`) the other members, which must have been trained on
     the same variables, statics, statistics and tiling (otherwise a clear error)."""
     model, payload = load_model(checkpoint, architecture)
     models = [model]
-    for other in (ensemble or {}).get("checkpoints", []):
+    for other in ensemble.checkpoints if ensemble else ():
         m, p = load_model(other, architecture)
         for key in ("variables", "statics", "stats", "tiling"):
             if p.get(key) != payload.get(key):
@@ -410,16 +411,16 @@ def load_members(checkpoint: str | os.PathLike, architecture: str = "reslim",
     return models, payload
 
 
-def ensemble_options(ensemble: dict | None) -> dict:
-    """downscale_chunks keywords for an `infer.ensemble` config (empty: deterministic)."""
-    ensemble = ensemble or {}
-    return {"mc_members": int(ensemble.get("mc_dropout", 0)),
-            "seed": int(ensemble.get("seed", 0))}
+def ensemble_options(ensemble: EnsembleConfig | None) -> dict:
+    """downscale_chunks keywords for an `infer.ensemble` config (None: deterministic)."""
+    if ensemble is None:
+        return {}
+    return {"mc_members": ensemble.mc_dropout, "seed": ensemble.seed}
 
 
 def _downscale_part(checkpoint: str, architecture: str, coarse_path: str, static_path: str,
                     period: dict | None, bounds: tuple[int, int], out: str, options: dict,
-                    threads: int, ensemble: dict | None = None) -> list[int]:
+                    threads: int, ensemble: EnsembleConfig | None = None) -> list[int]:
     """Worker: downscale time steps [bounds) of the selection into its own netCDF part."""
     torch.set_num_threads(max(1, threads))
     models, payload = load_members(checkpoint, architecture, ensemble)
@@ -469,41 +470,42 @@ def run_inference(
     out: str | os.PathLike,
     *,
     period: dict | None = None,
-    batch_size: int = 64,
-    blend: bool = False,
-    time_chunk: int = 32,
-    fmt: str = "netcdf",
-    processes: int = 1,
+    settings: InferConfig | Mapping | None = None,
     architecture: str = "reslim",
-    ensemble: dict | None = None,
     tally: MaskedTally | None = None,
 ) -> list[int]:
     """Downscale a coarse file (optionally one period of it) into `out`, streaming by chunk.
 
-    `static_path` holds the fine statics (results/pairs/fine.nc). With `processes > 1` the time
-    range is split across that many local processes (spawned; torch threads shared out), each
-    writes a part, and the parts are streamed into `out`. The
-    checkpoint holds `architecture` (see `load_model`). `ensemble` ({mc_dropout: N,
-    checkpoints: [...], seed}) writes a `member` dimension (see `downscale_chunks`). `tally`
-    counts the masked output pixels. Returns the time steps of each append to `out` (never
-    more than `time_chunk`).
+    `settings` is the `infer` config section (a plain mapping, e.g. {time_chunk: 2}, is
+    completed from the schema). `static_path` holds the fine statics (results/pairs/fine.nc).
+    With `settings.processes > 1` the time range is split across that many local processes
+    (spawned; torch threads shared out), each writes a part, and the parts are streamed into
+    `out`. The checkpoint holds `architecture` (see `load_model`). An active
+    `settings.ensemble` writes a `member` dimension (see `downscale_chunks`); it applies to the
+    model's own runs only, not to a learned baseline's (`architecture` other than reslim).
+    `tally` counts the masked output pixels. Returns the time steps of each append to `out`
+    (never more than `time_chunk`).
     """
     from downscaler.checkpoint import file_sha256
 
+    settings = from_schema("infer", settings or {})
+    fmt, time_chunk = settings.format, settings.time_chunk
     if fmt not in FORMATS:
         raise ValueError(f"infer.format must be one of {FORMATS}, got {fmt!r}")
+    ensemble = settings.ensemble if architecture == "reslim" else None
     tally = tally if tally is not None else MaskedTally()
     models, payload = load_members(checkpoint, architecture, ensemble)
     extra = {}
-    if ensemble and (ensemble.get("mc_dropout") or ensemble.get("checkpoints")):
-        extra["ensemble"] = json.dumps(ensemble, sort_keys=True)
+    if ensemble and ensemble.active:
+        extra["ensemble"] = json.dumps(as_dict(ensemble), sort_keys=True)
     attrs = provenance(payload, file_sha256(checkpoint),
                        input_file=str(coarse_path),
                        period=json.dumps(period or "all", sort_keys=True), **extra)
-    options = {"batch_size": batch_size, "blend": blend, "time_chunk": time_chunk}
+    options = {"batch_size": settings.batch_size, "blend": settings.blend,
+               "time_chunk": time_chunk}
     with xr.open_dataset(coarse_path) as coarse:
         n_time = select_period(coarse, period).sizes["time"]
-    bounds = _part_bounds(n_time, processes)
+    bounds = _part_bounds(n_time, settings.processes)
     if len(bounds) <= 1:
         with xr.open_dataset(coarse_path) as coarse, xr.open_dataset(static_path) as static:
             chunks = downscale_chunks(models, payload, select_period(coarse, period),

@@ -10,6 +10,8 @@ period only and are applied identically at inference:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -17,6 +19,7 @@ import xarray as xr
 from downscaler.compute import compute, dask_scheduler, store_netcdf
 from downscaler.io import atomic_path, write_json
 from downscaler.regrid import coarsen_conservative, normalise_grid, regrid
+from downscaler.settings import RegridConfig, from_schema
 from downscaler.variables import BY_SHORT_NAME
 
 PRECIP_THRESHOLD = 0.25  # mm/day; at or below counts as dry before the log transform
@@ -206,7 +209,7 @@ def denormalise(z: np.ndarray, entry: dict) -> np.ndarray:
 def write_pairs(
     fields: xr.Dataset,
     static: xr.Dataset,
-    regrid_cfg: dict,
+    regrid_cfg: RegridConfig | Mapping,
     split: dict,
     names: dict[str, list[str]],
     fine_path: str,
@@ -225,18 +228,18 @@ def write_pairs(
     `inputs`, `targets` and `statics` for the model, inference and evaluation.
 
     `fields` should be dask-backed, chunked by time (open with chunks={"time": n}): then each
-    output is streamed chunk by chunk on the scheduler `regrid_cfg["scheduler"]`, holding a
+    output is streamed chunk by chunk on the scheduler `regrid_cfg.scheduler`, holding a
     few time chunks at a time, never a whole variable. Separate passes (fine copy, coarse,
     statistics) rather than one shared graph: computing `to_netcdf(compute=False)` delayeds
     together made dask's threaded scheduler hold the whole input (1.7 GB peak for a 1.2 GB
     input, measured), while each `to_netcdf` on its own stays at a few chunks (~0.3 GB).
     Files appear under their final names only when complete.
     """
+    regrid_cfg = from_schema("regrid", regrid_cfg)
     statics = [s for s in names["statics"] if s != "latitude"]
     fine, coarse = make_pairs(fields[names["targets"]] if inputs is not None else fields,
-                              static[statics], regrid_cfg["factor"],
-                              regrid_cfg.get("backend", "auto"),
-                              regrid_cfg.get("nan_threshold", 0.5), inputs=inputs,
+                              static[statics], regrid_cfg.factor, regrid_cfg.backend,
+                              regrid_cfg.nan_threshold, inputs=inputs,
                               input_names=[n for n in names["inputs"]
                                            if n not in names["calendar"]],
                               calendar=names["calendar"],
@@ -247,7 +250,7 @@ def write_pairs(
     lazy = lazy_stats(train, names["targets"] + names["statics"])
     lazy.update(lazy_stats(coarse_train, [n for n in names["inputs"] if n not in lazy]))
     reductions = [r for _, mean, std in lazy.values() for r in (mean, std)]
-    with dask_scheduler(regrid_cfg.get("scheduler", "threads")):
+    with dask_scheduler(regrid_cfg.scheduler):
         for ds, path in ((fine, fine_path), (coarse, coarse_path)):
             with atomic_path(path) as tmp:
                 store_netcdf(ds, tmp)

@@ -11,6 +11,8 @@ small read and the store is a handful of files. Attributes carry everything infe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import xarray as xr
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 
 from downscaler.io import atomic_path
 from downscaler.pairs import normalise
+from downscaler.settings import TilesConfig, from_schema
 from downscaler.tiling import tile
 
 KM_PER_DEGREE = 111.195  # great-circle km per degree of latitude
@@ -65,7 +68,7 @@ def write_tiles(
     variables: list[str],
     statics: list[str],
     stats: dict,
-    tiles_cfg: dict,
+    tiles_cfg: TilesConfig | Mapping,
     path: str,
     time_chunk: int = 64,
     memory_mb: float | None = None,
@@ -77,7 +80,8 @@ def write_tiles(
     `coarse`; default: the targets). The attributes name both (`variables` = targets, `inputs`).
 
     Works through time in windows of at most `time_chunk` steps and about `memory_mb` MB
-    (default: tiles.memory_mb, else 512), reading only that window of each variable; each window
+    (default: tiles.memory_mb; a plain mapping `tiles_cfg` is completed from the
+    schema), reading only that window of each variable; each window
     is one shard, so writes never re-read a shard. Missing data: targets `y` keep NaN and the
     store has a `mask` array (uint8, 1 = valid target, same shape as `y`) that the loss must
     apply; inputs `x` cannot be NaN for the model, so missing inputs (coarse cells below
@@ -85,11 +89,12 @@ def write_tiles(
     """
     inputs = list(variables) if inputs is None else list(inputs)
     factor = fine.sizes["lat"] // coarse.sizes["lat"]
-    div_lat, div_lon, halo = tiles_cfg["div_lat"], tiles_cfg["div_lon"], tiles_cfg["halo"]
+    tiles_cfg = from_schema("tiles", tiles_cfg)
+    div_lat, div_lon, halo = tiles_cfg.div_lat, tiles_cfg.div_lon, tiles_cfg.halo
     periodic = is_periodic(coarse["lon"].values)
-    options = {"periodic_lon": periodic, "pad_mode": tiles_cfg["pad_mode"]}
+    options = {"periodic_lon": periodic, "pad_mode": tiles_cfg.pad_mode}
     if memory_mb is None:
-        memory_mb = tiles_cfg.get("memory_mb", 512)
+        memory_mb = tiles_cfg.memory_mb
 
     def coarse_tiles(a):
         return tile(a, div_lat, div_lon, halo, **options)
@@ -143,7 +148,7 @@ def write_tiles(
         group.attrs.update(
             variables=variables, inputs=inputs, targets=variables, statics=statics, times=times,
             factor=factor,
-            div_lat=div_lat, div_lon=div_lon, halo=halo, pad_mode=tiles_cfg["pad_mode"],
+            div_lat=div_lat, div_lon=div_lon, halo=halo, pad_mode=tiles_cfg.pad_mode,
             periodic_lon=periodic, res_km=grid_spacing_km(coarse), stats=stats,
             filled_inputs=filled_inputs, missing_targets=missing_targets,
         )

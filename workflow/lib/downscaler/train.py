@@ -218,7 +218,7 @@ class _Loop:
                      if k not in ("preset", "architecture")}
         # inputs may differ from the targets (other datasets, pressure levels, calendar)
         inputs = attrs.get("inputs", self.variables)
-        self.architecture = config["model"].get("architecture", "reslim")
+        self.architecture = config["model"]["architecture"]
         base = build_model(config["model"]["preset"], inputs, self.variables,
                            self.statics, architecture=self.architecture, mag=attrs["factor"],
                            **overrides)
@@ -304,7 +304,12 @@ class _Loop:
             x, static, y, mask = self.to_device(*batch)
             weight = weight.to(self.device, torch.float64)
             with self.autocast():
-                pred = self.engine.model(x, static, self.res_km)
+                if self.engine.pipeline is None:
+                    pred = self.engine.model(x, static, self.res_km)
+                else:  # the last stage predicts; the others add nothing to either sum
+                    pred = self.engine.pipeline.predict(x, static, self.res_km)
+                    if pred is None:
+                        continue
             for i in range(len(x)):
                 sl = slice(i, i + 1)
                 total += self.loss_fn(pred[sl], y[sl], mask[sl]).double() * weight[i]
@@ -391,9 +396,13 @@ class _Loop:
     def train_step(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step on this rank's share of a global batch; returns (loss, grad norm)."""
         x, static, y, mask = self.to_device(*batch)
-        with self.autocast():
-            pred = self.engine.model(x, static, self.res_km)
-        loss = self.loss_fn(pred, y, mask)
+        if self.engine.pipeline is not None:  # the schedule runs forward and backward at once
+            with self.autocast():
+                loss = self.engine.forward_backward(x, static, y, mask, self.res_km, self.loss_fn)
+        else:
+            with self.autocast():
+                pred = self.engine.model(x, static, self.res_km)
+            loss = self.loss_fn(pred, y, mask)
         stop_now, bad = _all_max([float(self.stop.requested(self.step)),
                                   float(not torch.isfinite(loss))], self.device)
         if bad:

@@ -58,11 +58,14 @@ class ParallelConfig:
     activation_checkpointing: bool
     layout: str
     memory_gib: float
+    pp: int
+    pp_schedule: str
+    microbatches: int
 
     def sizes(self) -> dict[str, Any]:
         """The layout part (``dp_replicate`` may still be 0 = auto)."""
-        return {k: getattr(self, k) for k in ("dp_replicate", "dp_shard", "tp", "sp", "dchag",
-                                              "sp_mode")}
+        return {k: getattr(self, k) for k in ("pp", "dp_replicate", "dp_shard", "tp", "sp",
+                                              "dchag", "sp_mode")}
 
 
 def _build(cls: type, section: dict, name: str) -> Any:

@@ -525,6 +525,29 @@ NO_BENCHMARKS_HINT = [
 ]
 
 
+def _scaling_pair(axes: tuple, data: pd.DataFrame, key: str, draw, empty: str,
+                  xlabel: str) -> bool:
+    """A throughput panel and an efficiency panel over one x `key` (processes or domain size):
+    `draw(series, rows, efficiency)` per benchmark series, sorted by `key`, then the ideal
+    (100%) line and a legend; with no such run a note instead. True when something was drawn."""
+    from downscaler.evaluation.benchmarks import scaling_efficiency
+
+    if data.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, empty, ha="center", transform=ax.transAxes)
+    else:
+        eff = scaling_efficiency(data, key)
+        for series, g in data.groupby("series", sort=False):
+            g = g.sort_values(key)
+            draw(series, g, eff[g.index])
+        axes[1].axhline(100, color="0.5", ls="--", lw=0.8)
+        axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    return not data.empty
+
+
 def plot_scaling(
     bench: pd.DataFrame,
     path: str | os.PathLike,
@@ -539,8 +562,6 @@ def plot_scaling(
     nothing to draw, the figure says so and how to produce benchmark results. `machines` (the
     JSON's machine labels) is printed on the figure: which machine produced the numbers.
     """
-    from downscaler.evaluation.benchmarks import scaling_efficiency
-
     problems = list(problems or [])
     usable = bench[bench["throughput"].notna()] if not bench.empty else bench
     by_proc = usable[usable["processes"].notna()] if not usable.empty else usable
@@ -558,48 +579,33 @@ def plot_scaling(
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
     (ax_tp, ax_eff), (ax_dom, ax_deff) = axes
-    if by_proc.empty:
-        for ax in (ax_tp, ax_eff):
-            ax.text(0.5, 0.5, "no runs with a process / GPU count", ha="center",
-                    transform=ax.transAxes)
-    else:
-        eff = scaling_efficiency(by_proc, "processes")
-        for series, g in by_proc.groupby("series", sort=False):
-            g = g.sort_values("processes")
-            line, = ax_tp.loglog(g["processes"], g["throughput"], marker="o", label=series)
-            n0, t0 = g["processes"].iloc[0], g["throughput"].iloc[0]
-            ax_tp.loglog(g["processes"], t0 * g["processes"] / n0, ls="--", lw=0.8,
-                         color=line.get_color())
-            ax_eff.plot(g["processes"], 100 * eff[g.index], marker="o", label=series)
-        ax_eff.axhline(100, color="0.5", ls="--", lw=0.8)
+
+    def by_processes(series: str, g: pd.DataFrame, eff: pd.Series) -> None:
+        line, = ax_tp.loglog(g["processes"], g["throughput"], marker="o", label=series)
+        n0, t0 = g["processes"].iloc[0], g["throughput"].iloc[0]
+        ax_tp.loglog(g["processes"], t0 * g["processes"] / n0, ls="--", lw=0.8,
+                     color=line.get_color())
+        ax_eff.plot(g["processes"], 100 * eff, marker="o", label=series)
+
+    if _scaling_pair((ax_tp, ax_eff), by_proc, "processes", by_processes,
+                     "no runs with a process / GPU count", "processes / GPUs"):
         ax_eff.set_xscale("log", base=2)
         unit = by_proc["throughput_unit"].mode().iloc[0] or "samples/s"
         ax_tp.set_ylabel(f"throughput ({unit})")
         ax_eff.set_ylabel("parallel efficiency (%; strong or weak per series)")
         ax_tp.set_title("Throughput vs processes (dashed: ideal)")
         ax_eff.set_title("Efficiency vs processes")
-        ax_tp.legend(fontsize=7)
-    for ax in (ax_tp, ax_eff):
-        ax.set_xlabel("processes / GPUs")
-        ax.grid(True, which="both", alpha=0.3)
-    if by_dom.empty:
-        for ax in (ax_dom, ax_deff):
-            ax.text(0.5, 0.5, "no runs with a domain size", ha="center", transform=ax.transAxes)
-    else:
-        deff = scaling_efficiency(by_dom, "domain")
-        for series, g in by_dom.groupby("series", sort=False):
-            g = g.sort_values("domain")
-            ax_dom.loglog(g["domain"], g["throughput"] * g["domain"], marker="o", label=series)
-            ax_deff.semilogx(g["domain"], 100 * deff[g.index], marker="o", label=series)
-        ax_deff.axhline(100, color="0.5", ls="--", lw=0.8)
+
+    def by_domain(series: str, g: pd.DataFrame, eff: pd.Series) -> None:
+        ax_dom.loglog(g["domain"], g["throughput"] * g["domain"], marker="o", label=series)
+        ax_deff.semilogx(g["domain"], 100 * eff, marker="o", label=series)
+
+    if _scaling_pair((ax_dom, ax_deff), by_dom, "domain", by_domain,
+                     "no runs with a domain size", "domain size (grid points)"):
         ax_dom.set_ylabel("grid points per second")
         ax_deff.set_ylabel("efficiency vs smallest domain (%)")
         ax_dom.set_title("Throughput vs domain size")
         ax_deff.set_title("Efficiency vs domain size (100%: cost linear in area)")
-        ax_dom.legend(fontsize=7)
-    for ax in (ax_dom, ax_deff):
-        ax.set_xlabel("domain size (grid points)")
-        ax.grid(True, which="both", alpha=0.3)
     title = f"Scaling ({results_dir or 'benchmark results'})"
     if problems:
         title += f" — {len(problems)} file(s) skipped"

@@ -86,14 +86,16 @@ def seam_errors(
     coarse: xr.Dataset,
     fine: xr.Dataset,
     settings: dict[str, dict] | None = None,
-    batch_size: int = 64,
-    time_chunk: int = 32,
+    *,
+    batch_size: int,
+    time_chunk: int,
 ) -> pd.DataFrame:
     """Tidy RMSE by distance to the trained tiling's borders (setting, variable, distance, rmse, n).
 
     `fine` holds the truth (same times as `coarse`) and the statics; distances are in fine
     pixels. Each setting is a dict of `downscale_chunks` overrides (`halo`, `div`). With one
-    tile (no inner border) the table is empty.
+    tile (no inner border) the table is empty. `batch_size` and `time_chunk` are the `infer`
+    section's.
     """
     settings = seam_settings(payload) if settings is None else settings
     t = payload["tiling"]

@@ -20,14 +20,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import (
-    Block,
-    VariableAggregator,
     VariableTokenizer,
     make_head,
     reset_all_parameters,
     unpatchify,
 )
-from .reslim import OUTPUT_INIT_SCALE, ReslimConfig, embed_tokens, validate_inputs
+from .reslim import (
+    OUTPUT_INIT_SCALE,
+    ReslimConfig,
+    add_transformer,
+    embed_tokens,
+    validate_inputs,
+)
 
 __all__ = ["UpsampleViT"]
 
@@ -45,14 +49,7 @@ class UpsampleViT(nn.Module):
         n_out = len(cfg.out_vars)
         self.out_index = cfg.out_index
         self.tokenizer = VariableTokenizer(n_ch, d, p)
-        self.aggregator = VariableAggregator(d, cfg.num_heads)
-        self.pos_scale = nn.Parameter(torch.ones(()))
-        self.res_embed = nn.Linear(1, d)
-        self.pos_drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
-        )
-        self.norm = nn.LayerNorm(d)
+        add_transformer(self, cfg)
         self.head = make_head(d, cfg.decoder_depth, n_out * p * p)
         self.init_weights()
 

@@ -228,6 +228,21 @@ class ResidualPath(nn.Module):
         return self.conv_out(self.shuffle(y))
 
 
+def add_transformer(model: nn.Module, cfg: ReslimConfig) -> None:
+    """Give ``model`` the parts between its tokenizer and its head, the same in Reslim and the
+    upsample-first ViT: channel aggregation, position and resolution embeddings, the blocks and
+    the final norm (registered in this order, so parameter order and initialisation match)."""
+    d = cfg.embed_dim
+    model.aggregator = VariableAggregator(d, cfg.num_heads)
+    model.pos_scale = nn.Parameter(torch.ones(()))
+    model.res_embed = nn.Linear(1, d)
+    model.pos_drop = nn.Dropout(cfg.dropout)
+    model.blocks = nn.ModuleList(
+        Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+    )
+    model.norm = nn.LayerNorm(d)
+
+
 def embed_tokens(model: nn.Module, tokens: Tensor, grid_h: int, grid_w: int,
                  res_km: float | Tensor) -> Tensor:
     """Per-variable tokens -> one token per location, plus the sin-cos position and resolution
@@ -257,14 +272,7 @@ class Reslim(nn.Module):
         n_in, n_out, n_st = len(cfg.in_vars), len(cfg.out_vars), len(cfg.static_vars)
         self.out_index = cfg.out_index
         self.tokenizer = ReslimTokenizer(n_in, n_st, d, p, mag)
-        self.aggregator = VariableAggregator(d, cfg.num_heads)
-        self.pos_scale = nn.Parameter(torch.ones(()))
-        self.res_embed = nn.Linear(1, d)
-        self.pos_drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
-        )
-        self.norm = nn.LayerNorm(d)
+        add_transformer(self, cfg)
         self.head = make_head(d, cfg.decoder_depth, n_out * (mag * p) ** 2)
         self.head_conv = nn.Conv2d(n_out, n_out, 3, padding=1)
         self.residual = ResidualPath(n_out, n_st, mag, cfg.residual_channels)

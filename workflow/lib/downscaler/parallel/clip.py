@@ -55,13 +55,15 @@ def clip_grad_norm_(
     max_norm: float,
     tp_group: dist.ProcessGroup | None = None,
     is_distinct: Callable[[str], bool] | None = None,
+    pp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Clip the gradients of ``model`` in place to global 2-norm ``max_norm``; return the norm.
 
     The norm is that of the whole (single-process) model's gradient, computed in the gradients'
     own dtype (float64 gradients give a float64 norm). ``tp_group`` and ``is_distinct`` name the
     D-CHAG private parameters and the group over which they differ (None: every plain gradient is
-    replicated). ``max_norm`` <= 0 or inf measures without clipping.
+    replicated). ``pp_group``: the pipeline stages, each holding other parameters (their
+    squared norms add up, as in torchtitan). ``max_norm`` <= 0 or inf measures without clipping.
     """
     buckets = grad_norm_buckets(model, is_distinct)
     device = next((g.device for grads in buckets.values() for g in grads), torch.device("cpu"))
@@ -75,6 +77,8 @@ def clip_grad_norm_(
         if distinct and tp_group is not None:
             dist.all_reduce(sq, group=tp_group)
         total_sq = total_sq + sq
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     if max_norm > 0 and max_norm != float("inf"):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -1,11 +1,15 @@
 """The training engine: the model as trained, its optimizer, one step, and its saved state.
 
 One interface, two implementations (torchtitan's split between the model transforms and the
-loop): ``TorchEngine`` (one process, or DDP / FSDP2 / HSDP / TP / SP / D-CHAG through
+loop): ``TorchEngine`` (one process, or DDP / FSDP2 / HSDP / TP / SP / D-CHAG / pipeline through
 ``parallelize``) and ``DeepSpeedEngine`` (ZeRO 0-3). The loop in ``downscaler.train`` only calls
 
 - ``build_engine(model, train, parallel, device, world, tokens)``
 - ``engine.step(loss)``: backward, gradient reductions, clipping, optimizer step;
+- under a pipeline layout (``engine.pipeline`` not None) the loop calls
+  ``engine.forward_backward(...)`` instead of the model and the loss (the schedule runs forward
+  and backward together), ``engine.step(loss)`` then skips the backward, and validation calls
+  ``engine.pipeline.predict`` (the prediction on the last stage only);
 - ``engine.save(state_dir, meta, rank_state)`` / ``engine.load(path)``: the resumable state;
 - ``engine.full_state()``: the consolidated single-process weights (collective);
 - ``engine.scheduler(factor)``: the learning-rate schedule over the engine's optimizer;
@@ -34,7 +38,14 @@ from ..train_config import ParallelConfig, TrainConfig
 from . import train_state
 from .clip import clip_grad_norm_
 from .dchag import is_tp_distinct
-from .layout import Layout, build_mesh, resolve_sizes
+from .layout import (
+    Layout,
+    LayoutError,
+    build_mesh,
+    check_microbatches,
+    microbatches,
+    resolve_sizes,
+)
 from .parallelize import parallelize, reduce_gradients
 from .planner import GIB, ModelSize, Plan, device_memory_bytes, plan_layout
 
@@ -70,7 +81,8 @@ def planned_layout(base: nn.Module, par: ParallelConfig, device: torch.device, w
     param_bytes = next(base.parameters()).element_size()
     act_bytes = torch.tensor([], dtype=act_dtype).element_size() if act_dtype else param_bytes
     return plan_layout(ModelSize.from_model(base), tokens, world, memory, act_bytes=act_bytes,
-                       state_bytes=param_bytes, global_batch=global_batch)
+                       state_bytes=param_bytes, global_batch=global_batch,
+                       pp_schedule=par.pp_schedule)
 
 
 class TorchEngine:
@@ -111,21 +123,47 @@ class TorchEngine:
         self.model = parallelize(base, self.layout, self.mesh,
                                  activation_checkpointing=checkpointing,
                                  param_dtype=self.autocast_dtype)
+        self.pipeline, self.pp_group = None, None
+        if self.layout.pp > 1:
+            self._build_pipeline(train, par, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr,
                                            betas=train.betas, weight_decay=train.weight_decay)
         self.dchag = train_state.dchag_metadata(self.model)
 
-    def step(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """Backward, the reductions DDP/FSDP2 leave, clipping, the optimizer step; returns the
-        gradient norm when clipping is on."""
+    def _build_pipeline(self, train: TrainConfig, par: ParallelConfig,
+                        device: torch.device) -> None:
+        """This rank's stage driven by the configured schedule (``par.pp_schedule``)."""
+        from .pipeline import Pipeline
+
+        local = train.batch_size // self.layout.dp
+        n_micro = microbatches(par, self.layout.pp, local)
+        problems = check_microbatches(n_micro, local, self.layout.pp, par.pp_schedule)
+        if problems:  # checked with the config too; srun's task count may change dp
+            raise LayoutError(problems[0])
+        self.pp_group = self.mesh["pp"].get_group()
+        self.pipeline = Pipeline(self.model, self.mesh["pp"].get_local_rank(), self.layout.pp,
+                                 device, self.pp_group, par.pp_schedule, n_micro)
+
+    def forward_backward(self, x: torch.Tensor, static: torch.Tensor, y: torch.Tensor,
+                         mask: torch.Tensor | None, res_km: float, loss_fn) -> torch.Tensor:
+        """Pipeline layouts: forward and backward of this rank's batch through the schedule;
+        the batch's loss on every stage (``step`` then finishes the step)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        return self.pipeline.forward_backward(x, static, y, mask, res_km, loss_fn)
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Backward (unless the pipeline schedule ran it), the reductions DDP/FSDP2 leave,
+        clipping, the optimizer step; returns the gradient norm when clipping is on."""
+        if self.pipeline is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if self.mesh is not None:
             reduce_gradients(self.model, self.layout, self.mesh)
         norm = None
         if self.grad_clip > 0:
             norm = clip_grad_norm_(self.model, self.grad_clip, self.tp_group,
-                                   is_tp_distinct if self.tp_group is not None else None)
+                                   is_tp_distinct if self.tp_group is not None else None,
+                                   pp_group=self.pp_group)
         self.optimizer.step()
         return norm
 
@@ -133,13 +171,19 @@ class TorchEngine:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def save(self, state_dir: Path, meta: dict, rank_state: dict) -> Path:
-        return train_state.save_train_state(state_dir, self.model, self.optimizer, meta, rank_state)
+        return train_state.save_train_state(state_dir, self.model, self.optimizer, meta,
+                                            rank_state, flatten_optim=self.pipeline is not None)
 
     def load(self, path: Path) -> tuple[dict, dict | None]:
-        return train_state.load_train_state(path, self.model, self.optimizer)
+        return train_state.load_train_state(path, self.model, self.optimizer,
+                                            flatten_optim=self.pipeline is not None)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Consolidated single-process weights on rank 0 (empty elsewhere); collective."""
+        if self.pipeline is not None:
+            leader = all(self.mesh[d].get_local_rank() == 0
+                         for d in ("dp_replicate", "dp_shard", "sp", "tp"))
+            return train_state.full_pipeline_state(self.model, self.pp_group, leader)
         return train_state.full_model_state(self.model)
 
 
@@ -148,6 +192,7 @@ class DeepSpeedEngine:
     (``gradient_clipping``) and casts (its bf16 section) itself."""
 
     kind = "deepspeed"
+    pipeline = None  # ZeRO over plain data parallelism
 
     def __init__(self, base: nn.Module, train: TrainConfig, par: ParallelConfig,
                  device: torch.device, world: int) -> None:

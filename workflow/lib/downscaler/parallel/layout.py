@@ -1,10 +1,11 @@
 """One description of the hybrid-parallel layout and the DeviceMesh built from it.
 
-This is the shape of torchtitan's ``ParallelDims``: four sizes (data-parallel replicas, FSDP
-shards, Ulysses sequence ranks, Megatron tensor ranks) whose product is the world size, checked
-against the model before anything is built, then turned into one 4-D mesh
-``("dp_replicate", "dp_shard", "sp", "tp")``. ``tp`` is innermost, so a tensor-parallel group is
-consecutive ranks (on a GPU node: the fastest links carry the most frequent collectives).
+This is the shape of torchtitan's ``ParallelDims``: five sizes (pipeline stages, data-parallel
+replicas, FSDP shards, sequence ranks, Megatron tensor ranks) whose product is the world size,
+checked against the model before anything is built, then turned into one 5-D mesh
+``("pp", "dp_replicate", "dp_shard", "sp", "tp")`` (torchtitan's order). ``tp`` is innermost, so
+a tensor-parallel group is consecutive ranks (on a GPU node: the fastest links carry the most
+frequent collectives); ``pp`` is outermost (stages exchange one activation per micro-batch).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ __all__ = [
     "LayoutError",
     "build_mesh",
     "check_config",
+    "check_microbatches",
     "check_parallel_config",
+    "microbatches",
+    "pipeline_problems",
     "resolve_sizes",
 ]
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "sp", "tp")
 DCHAG_MODES = ("linear", "cross", "tree-linear", "tree-cross")
 SP_MODES = ("ulysses", "lss")
 
@@ -49,7 +53,10 @@ class Layout:
       by ``tp*sp``) or ``"lss"`` (K/V all-gathered, all heads local: ``num_heads`` by ``tp``);
     - ``dchag``: ``None`` or one of ``DCHAG_MODES`` (``"linear"``, ``"cross"``,
       ``"tree-linear"``, ``"tree-cross"``): D-CHAG channel aggregation over the tp group (needs
-      ``tp > 1``).
+      ``tp > 1``);
+    - ``pp``: pipeline stages over the transformer blocks (``depth`` divisible by ``pp``); it
+      composes with ``tp`` and plain data parallelism (``dp_replicate``), not (yet) with FSDP,
+      sequence parallelism or D-CHAG.
     """
 
     dp_replicate: int = 1
@@ -58,11 +65,12 @@ class Layout:
     sp: int = 1
     dchag: str | None = None
     sp_mode: str = "ulysses"
+    pp: int = 1
 
     @property
     def world_size(self) -> int:
         """Number of processes this layout needs."""
-        return self.dp_replicate * self.dp_shard * self.tp * self.sp
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp * self.sp
 
     @property
     def dp(self) -> int:
@@ -71,14 +79,14 @@ class Layout:
 
     def dp_rank(self, mesh: DeviceMesh) -> int:
         """This rank's data-parallel index ``dp_replicate_rank * dp_shard + dp_shard_rank``
-        (every tp and sp rank of one data-parallel rank shares it)."""
+        (every pp, tp and sp rank of one data-parallel rank shares it)."""
         return (mesh["dp_replicate"].get_local_rank() * self.dp_shard
                 + mesh["dp_shard"].get_local_rank())
 
     def _size_problems(self) -> list[str]:
         problems = []
         for name in MESH_DIMS:
-            value = getattr(self, name)
+            value = getattr(self, name)  # pp included
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         if self.dchag is not None and self.dchag not in DCHAG_MODES:
@@ -101,10 +109,11 @@ class Layout:
             raise LayoutError(_message(problems))
         if self.world_size != world_size:
             problems.append(
-                f"dp_replicate*dp_shard*sp*tp = {self.dp_replicate}*{self.dp_shard}*{self.sp}*"
-                f"{self.tp} = {self.world_size} but the world size is {world_size}; make the "
-                "product equal the number of processes"
+                f"pp*dp_replicate*dp_shard*sp*tp = {self.pp}*{self.dp_replicate}*"
+                f"{self.dp_shard}*{self.sp}*{self.tp} = {self.world_size} but the world size is "
+                f"{world_size}; make the product equal the number of processes"
             )
+        problems += pipeline_problems(self, getattr(cfg, "depth", None))
         heads, dim = cfg.num_heads, cfg.embed_dim
         hidden = int(round(dim * cfg.mlp_ratio))
         head_split = self.tp * self.sp if self.sp_mode == "ulysses" else self.tp
@@ -165,6 +174,50 @@ class Layout:
         return layout
 
 
+def pipeline_problems(layout: Layout, depth: int | None) -> list[str]:
+    """What stops ``layout.pp`` stages over ``depth`` blocks (each message names the numbers
+    and the nearest valid choice)."""
+    if layout.pp == 1:
+        return []
+    problems = []
+    if depth is not None and depth % layout.pp:
+        valid = _divisors(depth)
+        problems.append(
+            f"pp={layout.pp} pipeline stages cannot split depth={depth} transformer blocks "
+            f"equally; the nearest valid pp is {_nearest(layout.pp, valid)} (valid: {valid})")
+    others = [f"{name}={getattr(layout, name)}" for name in ("dp_shard", "sp")
+              if getattr(layout, name) > 1]
+    if layout.dchag is not None:
+        others.append(f"dchag={layout.dchag!r}")
+    if others:
+        problems.append(
+            f"pp={layout.pp} composes with tp and dp_replicate (plain data parallelism) only, "
+            f"not with {', '.join(others)}; set dp_shard: 1, sp: 1 and dchag: null (use "
+            "dp_replicate for the data-parallel ranks), or pp: 1")
+    return problems
+
+
+def check_microbatches(microbatches: int, local_batch: int, pp: int,
+                       schedule: str = "gpipe") -> list[str]:
+    """What stops ``microbatches`` micro-batches of a data-parallel rank's ``local_batch``
+    under ``schedule`` (1F1B needs at least one micro-batch per stage)."""
+    if pp == 1:
+        return []
+    valid = _divisors(local_batch) if local_batch >= 1 else [1]
+    if microbatches < 1 or local_batch % microbatches:
+        return [f"parallel.microbatches={microbatches} does not divide the per-rank batch of "
+                f"{local_batch} samples (train.batch_size / data-parallel ranks); the nearest "
+                f"valid choice is {_nearest(microbatches, valid)} (valid: {valid})"]
+    if schedule == "1f1b" and microbatches < pp:
+        enough = [v for v in valid if v >= pp]
+        hint = (f"set parallel.microbatches: {enough[0]}" if enough else
+                f"raise train.batch_size to at least {pp} samples per data-parallel rank")
+        return [f"pp_schedule: 1f1b needs at least one micro-batch per stage, but "
+                f"microbatches={microbatches} < pp={pp} (per-rank batch {local_batch}); {hint}, "
+                "or use pp_schedule: gpipe"]
+    return []
+
+
 def _message(problems: list[str]) -> str:
     """One error message listing every problem, numbered."""
     lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
@@ -172,7 +225,7 @@ def _message(problems: list[str]) -> str:
 
 
 def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
-    """The 4-D DeviceMesh ``("dp_replicate", "dp_shard", "sp", "tp")``, every dim present.
+    """The 5-D DeviceMesh ``("pp", "dp_replicate", "dp_shard", "sp", "tp")``, every dim present.
 
     Size-1 dims are kept so callers can always slice ``mesh["tp"]`` etc. Needs an initialised
     default process group of exactly ``layout.world_size`` ranks.
@@ -192,7 +245,7 @@ def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
             _message(
                 [
                     f"the layout needs {layout.world_size} processes but the world size is "
-                    f"{dist.get_world_size()}; make dp_replicate*dp_shard*sp*tp equal it"
+                    f"{dist.get_world_size()}; make pp*dp_replicate*dp_shard*sp*tp equal it"
                 ]
             )
         )
@@ -203,13 +256,13 @@ def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
 def resolve_sizes(par: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The layout sizes of a ``parallel`` config section with ``dp_replicate: 0`` (auto) filled
     from the world size."""
-    sizes = {k: par[k] for k in ("dp_replicate", "dp_shard", "tp", "sp")}
-    rest = sizes["dp_shard"] * sizes["tp"] * sizes["sp"]
+    sizes = {k: par[k] for k in ("pp", "dp_replicate", "dp_shard", "tp", "sp")}
+    rest = sizes["pp"] * sizes["dp_shard"] * sizes["tp"] * sizes["sp"]
     if sizes["dp_replicate"] == 0:
         if world_size % rest:
             raise LayoutError(_message([
-                f"parallel.dp_shard*tp*sp = {rest} does not divide the {world_size} processes; "
-                f"{_nearest_hint(par, world_size)}"]))
+                f"parallel.pp*dp_shard*tp*sp = {rest} does not divide the {world_size} "
+                f"processes; {_nearest_hint(par, world_size)}"]))
         sizes["dp_replicate"] = world_size // rest
     return {**sizes, "dchag": par["dchag"], "sp_mode": par["sp_mode"]}
 
@@ -224,14 +277,22 @@ def _nearest(value: int, allowed: list[int]) -> int:
 
 
 def _nearest_hint(par: dict[str, Any], world: int, cfg: Any = None) -> str:
-    """A concrete valid choice near the requested one: tp first, then sp, then dp_shard."""
+    """A concrete valid choice near the requested one: pp first (stages that split the blocks),
+    then tp, sp and dp_shard."""
     heads = getattr(cfg, "num_heads", None)
+    depth = getattr(cfg, "depth", None)
     choice: dict[str, int] = {}
     left = world
+    if par["pp"] > 1:
+        choice["pp"] = _nearest(par["pp"], [d for d in _divisors(left)
+                                             if depth is None or depth % d == 0])
+        left //= choice["pp"]
     for key in ("tp", "sp", "dp_shard"):
         free = key == "dp_shard" or (key == "sp" and par["sp_mode"] == "lss")
         allowed = [d for d in _divisors(left)
                    if heads is None or free or heads % (d * choice.get("tp", 1)) == 0]
+        if "pp" in choice and key != "tp":
+            allowed = [1]  # the pipeline composes with tp and dp_replicate only
         choice[key] = _nearest(par[key], allowed)
         left //= choice[key]
     text = ", ".join(f"{k}: {v}" for k, v in choice.items())
@@ -239,11 +300,12 @@ def _nearest_hint(par: dict[str, Any], world: int, cfg: Any = None) -> str:
             "(dp_replicate: 0 fills the rest)")
 
 
-def check_parallel_config(par: dict[str, Any], cfg: Any) -> None:
+def check_parallel_config(par: dict[str, Any], cfg: Any, batch_size: int | None = None) -> None:
     """Validate the ``parallel`` config section at config time, before anything runs.
 
-    ``cfg`` has the model's ``num_heads``, ``embed_dim``, ``mlp_ratio``, ``in_vars`` and
-    ``static_vars``. A local multi-process run (``processes > 1``) must fit the layout exactly;
+    ``cfg`` has the model's ``num_heads``, ``embed_dim``, ``mlp_ratio``, ``depth``, ``in_vars``
+    and ``static_vars``; ``batch_size`` (the global batch) is checked against the pipeline's
+    micro-batches. A local multi-process run (``processes > 1``) must fit the layout exactly;
     under srun the task count decides, so with ``processes: 1`` only the model checks run (the
     world size is checked again when the ranks start). Raises ``LayoutError`` with one message
     that lists every problem and the nearest valid choice.
@@ -253,34 +315,48 @@ def check_parallel_config(par: dict[str, Any], cfg: Any) -> None:
             raise LayoutError(_message([
                 "parallel.layout: auto plans layouts of the torch engine; with engine: "
                 "deepspeed (plain data parallelism under ZeRO) set parallel.layout: manual"]))
-        if any(par[k] != 1 for k in ("dp_shard", "tp", "sp")) or par["dchag"]:
+        if any(par[k] != 1 for k in ("dp_shard", "tp", "sp", "pp")) or par["dchag"]:
             raise LayoutError(_message([
                 "parallel.engine is 'deepspeed', which shards with ZeRO (parallel.zero_stage) over "
-                "plain data parallelism; set parallel.dp_shard, tp and sp to 1 and dchag: null, "
-                "or use engine: torch for FSDP/TP/SP/D-CHAG layouts"]))
+                "plain data parallelism; set parallel.dp_shard, tp, sp and pp to 1 and dchag: "
+                "null, or use engine: torch for FSDP/TP/SP/D-CHAG/pipeline layouts"]))
         return
     if par["layout"] == "auto":
         _check_auto(par)
         return  # the planner picks a valid layout when the ranks start
     world = par["processes"]
     if world <= 1:  # srun decides: check the model against the layout as given
-        world = par["dp_shard"] * par["tp"] * par["sp"] * max(1, par["dp_replicate"])
+        world = (par["pp"] * par["dp_shard"] * par["tp"] * par["sp"]
+                 * max(1, par["dp_replicate"]))
     layout = Layout.from_config(resolve_sizes(par, world))
     try:
         layout.validate(world, cfg)
     except LayoutError as err:
         raise LayoutError(f"{err}\n  {_nearest_hint(par, world, cfg)}") from None
+    if batch_size is not None and layout.pp > 1:
+        local = batch_size // layout.dp
+        problems = check_microbatches(microbatches(par, layout.pp, local), local, layout.pp,
+                                      par["pp_schedule"])
+        if problems:
+            raise LayoutError(_message(problems))
+
+
+def microbatches(par: Any, pp: int, local_batch: int) -> int:
+    """``parallel.microbatches``; 0 means one per stage, or the largest divisor of the per-rank
+    batch ``local_batch`` below that."""
+    value = par["microbatches"] if isinstance(par, dict) else par.microbatches
+    return value or max(d for d in _divisors(max(1, local_batch)) if d <= pp)
 
 
 # The keys ``parallel.layout: auto`` chooses, at the defaults it needs them left at.
 AUTO_KEYS = {"dp_replicate": 0, "dp_shard": 1, "tp": 1, "sp": 1, "sp_mode": "ulysses",
-             "activation_checkpointing": False, "dchag": None}
+             "activation_checkpointing": False, "dchag": None, "pp": 1}
 
 
 def _check_auto(par: dict[str, Any]) -> None:
     """``layout: auto`` owns the layout keys: any other value would be silently overridden."""
     set_by_hand = [f"{k}: {par[k]}" for k, default in AUTO_KEYS.items()
-                   if par.get(k, default) != default]
+                   if par[k] != default]
     if set_by_hand:
         raise LayoutError(_message([
             f"parallel.layout is 'auto' (the planner chooses the layout at start-up) but "
@@ -295,17 +371,23 @@ def check_config(config: dict[str, Any]) -> None:
 
     from ..config import ConfigError, stage_names
     from ..model.presets import PRESETS
+    from ..model.reslim import ReslimConfig
 
     model = {**PRESETS[config["model"]["preset"]], **config["model"]}
     if config["parallel"]["dchag"] and model["architecture"] != "reslim":
         raise ConfigError(f"config key parallel.dchag: D-CHAG splits Reslim's channel "
                           f"aggregation; model.architecture {model['architecture']} has none: "
                           "remove parallel.dchag")
+    if config["parallel"]["pp"] > 1 and model["architecture"] != "reslim":
+        raise ConfigError(f"config key parallel.pp: the pipeline splits Reslim's blocks into "
+                          f"stages; model.architecture {model['architecture']} is not "
+                          "supported: set parallel.pp: 1")
     cfg = SimpleNamespace(num_heads=model["num_heads"], embed_dim=model["embed_dim"],
-                          mlp_ratio=model.get("mlp_ratio", 4.0),
+                          mlp_ratio=ReslimConfig.mlp_ratio,  # no config key sets it
+                          depth=model["depth"],
                           in_vars=stage_names(config)["inputs"],
                           static_vars=list(config["statics"]))
     try:
-        check_parallel_config(config["parallel"], cfg)
+        check_parallel_config(config["parallel"], cfg, config["train"]["batch_size"])
     except LayoutError as err:
         raise ConfigError(f"config key parallel: {err}") from None

@@ -1,8 +1,12 @@
 """Compose every parallelism on a plain ``Reslim`` from one ``Layout`` (torchtitan's shape).
 
 Order: D-CHAG -> tensor parallel -> sequence parallel (Ulysses or LSS) -> activation
-checkpointing -> FSDP2 / HSDP or DDP. Each step is a function that does one thing to the model
-in place; the data-parallel wrap comes last so it sees the final (tensor-parallel) parameters.
+checkpointing -> pipeline split -> FSDP2 / HSDP or DDP. Each step is a function that does one
+thing to the model in place; the pipeline split keeps this rank's stage (its blocks already
+tensor-parallel), and the data-parallel wrap comes last so it sees the final parameters. A
+pipeline stage is not wrapped: its data-parallel replicas average every gradient in
+``reduce_gradients`` (after the schedule's last backward), which is exact and keeps the
+schedule's micro-batches free of DDP's per-backward hooks.
 
 Training step contract for callers (the training engine)::
 
@@ -92,6 +96,11 @@ def parallelize(
         apply_sequence_parallel(model, mesh["sp"], layout.sp_mode)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if layout.pp > 1:
+        # Lazy: torch.distributed.pipelining is only needed by pipelined layouts.
+        from .pipeline import split_stage
+
+        return split_stage(model, mesh["pp"].get_local_rank(), layout.pp)
     has_dtensor = any(isinstance(p, DTensor) for p in model.parameters())
     if layout.dp_shard > 1 or (layout.dp_replicate > 1 and has_dtensor):
         # HSDP when replicas exist; with dp_shard == 1 that is pure replication (DDP-equivalent)
@@ -130,8 +139,8 @@ def reduce_gradients(model: nn.Module, layout: Layout, mesh: DeviceMesh) -> None
       over the sp group (all other parameters already hold identical, complete gradients).
     - ``dp > 1``: gradients the data-parallel wrapper leaves alone are averaged over the
       data-parallel ranks: FSDP2's 0-d parameters (``pos_scale``: FSDP2 cannot shard scalars),
-      or every gradient of a model that neither DDP nor FSDP2 wraps (parallelized by hand or by
-      another engine).
+      or every gradient of a model that neither DDP nor FSDP2 wraps (a pipeline stage,
+      parallelized by hand or by another engine).
     Tensor parallelism needs nothing here (DTensor reduces inside backward). With gradient
     accumulation call it once per optimizer step, after the last micro-batch's backward (the
     sums are linear; calling it per micro-batch would reduce earlier micro-batches twice).

@@ -1,6 +1,6 @@
-"""Layout planner: propose tp / sp (mode) / FSDP / D-CHAG / activation checkpointing for a model
-size, a sequence length, a world size and a memory budget per device, with a reason and an
-estimated memory per rank.
+"""Layout planner: propose tp / sp (mode) / FSDP / pipeline stages / D-CHAG / activation
+checkpointing for a model size, a sequence length, a world size and a memory budget per device,
+with a reason and an estimated memory per rank.
 
 The estimate is analytic (element counts of what training keeps alive, per rank):
 
@@ -14,13 +14,20 @@ The estimate is analytic (element counts of what training keeps alive, per rank)
 - a transient of the largest single activation (its gradient during backward).
 
 Attention goes through ``scaled_dot_product_attention``, so no ``L x L`` score matrix is counted
-(flash / memory-efficient kernels; the CPU flash kernel too). Pipeline parallelism is not a
-layout dimension (``parallel.pipeline`` is standalone), so the planner always proposes ``pp = 1``.
+(flash / memory-efficient kernels; the CPU flash kernel too). With ``pp`` pipeline stages a rank
+holds ``depth / pp`` blocks (their states and activations) and, conservatively, all the other
+parameters and the larger of the first stage's (tokenisation, fine-grid branch) and the last
+stage's (head) activations; under 1F1B with ``pp`` micro-batches (the default) the first stage
+keeps the activations of the whole per-rank batch alive at its peak, as without a pipeline (an
+upper bound with more micro-batches).
 
 Search: every layout that fits the world size and the model (``Layout.validate``), with and
 without activation checkpointing, is estimated; among those within the budget the one with the
 least communication wins (a fixed cost order: DDP < FSDP < activation checkpointing < sequence
-parallel < tensor parallel, since TP all-reduces twice per block in forward and backward).
+parallel < tensor parallel < pipeline, since TP all-reduces twice per block in forward and
+backward and a pipeline idles (pp-1)/(micro-batches+pp-1) of each step in its bubble), so pp is
+proposed when the model does not fit otherwise (for instance when the heads do not split over
+tp, the tokens not over sp, and the global batch not over more data-parallel ranks).
 
 The engine asks ``plan_layout`` for the layout at start-up under ``parallel.layout: auto``
 (``parallel.engine.planned_layout``); the CLI gives the same answer ahead of a run::
@@ -99,7 +106,8 @@ def estimate_memory(size: ModelSize, tokens: int, layout: Layout, batch: int = 1
     n_out, n_st, rc = len(cfg.out_vars), len(cfg.static_vars), cfg.residual_channels
     # model states: parameter + gradient + 2 AdamW moments
     channel = size.channel_params / tp if layout.dchag else size.channel_params
-    params = size.block_params / tp + (size.other_params - size.channel_params) + channel
+    params = (size.block_params / tp / layout.pp + (size.other_params - size.channel_params)
+              + channel)
     states = 4 * params * state_bytes / layout.dp_shard
     # activations, elements per sample
     tl = tokens / sp  # tokens of this rank inside the blocks
@@ -111,13 +119,17 @@ def estimate_memory(size: ModelSize, tokens: int, layout: Layout, batch: int = 1
     if sp > 1:
         block += (2 * tokens * d / tp if layout.sp_mode == "lss"  # the gathered K and V
                   else 4 * tl * d / tp)  # the all-to-all results of q, k, v and the output
-    blocks = cfg.depth * (tl * d if activation_checkpointing else block)
+    depth = cfg.depth // layout.pp  # the blocks of one pipeline stage
+    blocks = depth * (tl * d if activation_checkpointing else block)
     if activation_checkpointing:
         blocks += block  # the block being recomputed in backward
     fine = tokens * (p * mag) ** 2
     head = (2 * cfg.decoder_depth + 3) * tokens * d + 2 * n_out * fine
     fine_grid = fine * (2 * rc + 8 * n_out + n_st) + 2 * rc * tokens * p * p
-    acts = batch * act_bytes * (channel_act + blocks + head + fine_grid)
+    if layout.pp > 1:  # the first stage or the last, whichever holds more
+        acts = batch * act_bytes * (blocks + max(channel_act + fine_grid, head))
+    else:
+        acts = batch * act_bytes * (channel_act + blocks + head + fine_grid)
     transient = batch * act_bytes * max(channel_act / 3, block, fine * rc)
     total = states + acts + transient
     return {"model_states": states, "activations": acts, "transient": transient, "total": total}
@@ -131,14 +143,13 @@ class Plan:
     activation_checkpointing: bool
     memory: dict[str, float]
     reason: str
-    pp: int = 1
 
     def as_config(self) -> dict[str, Any]:
         """The ``parallel`` config keys of this plan."""
         lay = self.layout
         return {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "tp": lay.tp,
                 "sp": lay.sp, "sp_mode": lay.sp_mode, "dchag": lay.dchag,
-                "activation_checkpointing": self.activation_checkpointing}
+                "activation_checkpointing": self.activation_checkpointing, "pp": lay.pp}
 
 
 def _divisors(n: int) -> list[int]:
@@ -150,22 +161,28 @@ def _cost(layout: Layout, ac: bool) -> float:
     lg = math.log2
     return (1.0 * lg(layout.dp_shard) + 1.5 * ac + 2.0 * lg(layout.sp)
             + 0.25 * (layout.sp_mode == "lss" and layout.sp > 1) + 3.0 * lg(layout.tp)
-            + 0.5 * (layout.dchag is not None))
+            + 0.5 * (layout.dchag is not None) + 4.0 * lg(layout.pp))
 
 
 def _candidates(size: ModelSize, world: int, tokens: int, dchag: bool,
-                global_batch: int | None = None) -> list[Layout]:
+                global_batch: int | None = None, pp_schedule: str = "1f1b") -> list[Layout]:
     out = []
-    for tp, sp, shard in product(_divisors(world), repeat=3):
-        if world % (tp * sp * shard) or tokens % sp:
+    for pp, tp, sp, shard in product(_divisors(world), repeat=4):
+        if world % (pp * tp * sp * shard) or tokens % sp:
             continue
-        if global_batch is not None and global_batch % (world // (tp * sp)):
-            continue  # the sampler splits the global batch evenly over dp
+        if pp > 1 and (sp > 1 or shard > 1):
+            continue  # the pipeline composes with tp and plain data parallelism only
+        if global_batch is not None:
+            dp = world // (pp * tp * sp)
+            if global_batch % dp:
+                continue  # the sampler splits the global batch evenly over dp
+            if pp > 1 and pp_schedule == "1f1b" and global_batch // dp < pp:
+                continue  # 1F1B needs a micro-batch per stage
         for mode, dch in product(("ulysses", "lss"), (None, "linear")):
-            if (sp == 1 and mode == "lss") or (dch and not dchag):
+            if (sp == 1 and mode == "lss") or (dch and (not dchag or pp > 1)):
                 continue
-            layout = Layout(dp_replicate=world // (tp * sp * shard), dp_shard=shard, tp=tp,
-                            sp=sp, dchag=dch, sp_mode=mode)
+            layout = Layout(dp_replicate=world // (pp * tp * sp * shard), dp_shard=shard,
+                            tp=tp, sp=sp, dchag=dch, sp_mode=mode, pp=pp)
             try:
                 layout.validate(world, size.cfg)
             except LayoutError:
@@ -176,9 +193,10 @@ def _candidates(size: ModelSize, world: int, tokens: int, dchag: bool,
 
 def plan_layout(size: ModelSize, tokens: int, world: int, memory_bytes: float, batch: int = 1,
                 act_bytes: int = 4, dchag: bool = False, state_bytes: int = 4,
-                global_batch: int | None = None) -> Plan:
+                global_batch: int | None = None, pp_schedule: str = "1f1b") -> Plan:
     """The cheapest layout whose estimate fits ``memory_bytes`` per rank (``dchag`` allows
-    D-CHAG, which changes the architecture). ``batch`` is the samples per data-parallel rank;
+    D-CHAG, which changes the architecture; ``pp_schedule`` 1f1b needs a micro-batch per
+    pipeline stage). ``batch`` is the samples per data-parallel rank;
     with ``global_batch`` it is ``global_batch / dp`` of each candidate instead (and candidates
     whose dp does not divide it are skipped). Raises ``ValueError`` naming the smallest estimate
     when nothing fits."""
@@ -187,7 +205,7 @@ def plan_layout(size: ModelSize, tokens: int, world: int, memory_bytes: float, b
 
     options = [(layout, ac, estimate_memory(size, tokens, layout, per_rank(layout), ac,
                                             act_bytes, state_bytes))
-               for layout in _candidates(size, world, tokens, dchag, global_batch)
+               for layout in _candidates(size, world, tokens, dchag, global_batch, pp_schedule)
                for ac in (False, True)]
     if not options:
         raise ValueError(f"no layout of {world} processes fits the model (heads "
@@ -217,9 +235,10 @@ def device_memory_bytes(device: torch.device, local_processes: int) -> int:
 
 
 def _describe(layout: Layout, ac: bool) -> str:
-    parts = [f"dp_replicate={layout.dp_replicate}", f"dp_shard={layout.dp_shard}",
-             f"tp={layout.tp}", f"sp={layout.sp}" + (f" ({layout.sp_mode})" if layout.sp > 1
-                                                     else "")]
+    parts = [f"pp={layout.pp}"] if layout.pp > 1 else []
+    parts += [f"dp_replicate={layout.dp_replicate}", f"dp_shard={layout.dp_shard}",
+              f"tp={layout.tp}", f"sp={layout.sp}" + (f" ({layout.sp_mode})" if layout.sp > 1
+                                                      else "")]
     if layout.dchag:
         parts.append(f"dchag={layout.dchag}")
     if ac:
@@ -245,12 +264,19 @@ def _reason(size: ModelSize, tokens: int, layout: Layout, ac: bool, memory: dict
     if layout.dp_shard > 1:
         simpler.append(("fsdp", replace(layout, dp_shard=1,
                                         dp_replicate=layout.dp_replicate * layout.dp_shard), ac))
+    if layout.pp > 1:
+        simpler.append(("pp", replace(layout, pp=1,
+                                      dp_replicate=layout.dp_replicate * layout.pp), ac))
     if ac:
         simpler.append(("activation checkpointing", layout, False))
     for name, other, other_ac in simpler:
         need = estimate_memory(size, tokens, other, batch, other_ac, act_bytes,
                                state_bytes)["total"]
         lines.append(f"without {name}: {need / GIB:.2f} GiB per rank")
+    if layout.pp > 1:
+        lines.append(f"pp={layout.pp}: each stage holds {size.cfg.depth // layout.pp} of "
+                     f"{size.cfg.depth} blocks; the bubble idles (pp-1)/(micro-batches+pp-1) of "
+                     "a step, so raise parallel.microbatches where the batch allows")
     if layout.sp > 1:
         lines.append("sp_mode lss: num_heads does not divide by tp*sp" if layout.sp_mode == "lss"
                      else "sp_mode ulysses: heads split over sp, no full K/V per rank")
@@ -290,8 +316,7 @@ def main(argv: list[str] | None = None) -> Plan:
                        2 if args.bf16 else 4, args.dchag)
     print(f"preset {args.preset}: {size.block_params + size.other_params:,} parameters, "
           f"{tokens:,} tokens, {args.world} processes, {args.memory_gib} GiB each")
-    print("proposed parallel config:", plan.as_config(),
-          "pp: 1 (pipeline stages are not a layout option)")
+    print("proposed parallel config:", plan.as_config())
     print("reason:", plan.reason)
     return plan
 

@@ -79,6 +79,24 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def full_pipeline_state(stage: nn.Module, pp_group: dist.ProcessGroup,
+                        leader: bool) -> dict[str, torch.Tensor]:
+    """The full weights of a pipelined model on rank 0 (empty dict elsewhere): every stage's
+    full (tensor-parallel gathered) state, sent by its ``leader`` (data-parallel, tp and sp
+    rank 0) over the pipeline group. The stages name their parameters as the whole model does,
+    so the union is the model's state dict. Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True)  # every rank joins the tp gathers
+    state = {k: v.detach().cpu().clone() for k, v in get_model_state_dict(stage,
+                                                                         options=options).items()}
+    if not leader:
+        return {}
+    parts: list | None = [None] * dist.get_world_size(pp_group) if _rank() == 0 else None
+    dist.gather_object(state, parts, group=pp_group, group_dst=0)
+    return {k: v for part in parts for k, v in part.items()} if _rank() == 0 else {}
+
+
 def state_paths(state_dir: str | Path) -> tuple[Path, Path]:
     """(committed state, previous state kept while a new one is renamed in)."""
     root = Path(state_dir)
@@ -100,13 +118,16 @@ def save_train_state(
     meta: dict,
     rank_state: dict,
     engine_save: Callable[[Path], None] | None = None,
+    flatten_optim: bool = False,
 ) -> Path:
     """Write a resumable state collectively and commit it atomically; returns its path.
 
     ``meta`` (loop position, scheduler, best score; identical on all ranks) is written by rank 0
     last, so its presence marks a complete state; ``rank_state`` (RNG) by each rank.
     ``engine_save(dir)`` replaces torch.distributed.checkpoint for engines with their own format
-    (DeepSpeed). Collective: every rank must call it.
+    (DeepSpeed). ``flatten_optim``: optimizer state keyed per parameter name, param groups
+    included (pipeline stages: each holds other parameters, and an unflattened ``param_groups``
+    would be saved once, from rank 0). Collective: every rank must call it.
     """
     root = Path(state_dir)
     final, old = state_paths(root)
@@ -121,7 +142,8 @@ def save_train_state(
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+        model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [],
+                                            options=_options(flatten_optim))
         private = _pop_private(model, model_sd, optim_sd)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
         if private is not None:
@@ -147,6 +169,7 @@ def load_train_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     engine_load: Callable[[Path], None] | None = None,
+    flatten_optim: bool = False,
 ) -> tuple[dict, dict | None]:
     """Load a state written by ``save_train_state`` into ``model``/``optimizer`` (in place).
 
@@ -162,18 +185,24 @@ def load_train_state(
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         optimizers = optimizer if optimizer is not None else []
-        model_sd, optim_sd = get_state_dict(model, optimizers)
+        model_sd, optim_sd = get_state_dict(model, optimizers, options=_options(flatten_optim))
         private = _pop_private(model, model_sd, optim_sd)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         if private is not None:
             _load_private(path, private, state["model"], state["optim"])
         set_state_dict(model, optimizers, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+                       optim_state_dict=state["optim"], options=_options(flatten_optim))
     rng_file = path / "rng" / f"rank{_rank()}.pt"
     rank_state = (torch.load(rng_file, map_location="cpu", weights_only=False)
                   if rng_file.is_file() else None)
     return meta, rank_state
+
+
+def _options(flatten_optim: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flatten_optim)
 
 
 def _local_copy(value: Any) -> Any:

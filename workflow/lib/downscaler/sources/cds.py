@@ -19,7 +19,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 import requests
 
 from downscaler.io import atomic_path
+from downscaler.settings import Era5Config, from_schema
 
 LOG = logging.getLogger(__name__)
 
@@ -185,19 +186,23 @@ def make_client(
     return client
 
 
+def download_settings(config: Mapping[str, Any], section: str = "era5") -> Era5Config:
+    """The CDS download settings of a request config: ``era5.*`` overridden by
+    ``config[section]`` (a CMIP6 request's own); keys given by neither (a hand-written request
+    config) come from the schema's defaults."""
+    keys = {f.name for f in fields(Era5Config)}
+    given = {**(config.get("era5") or {}), **(config.get(section) or {})}
+    return from_schema("era5", {k: v for k, v in given.items() if k in keys})
+
+
 def _client_settings(config: Mapping[str, Any], section: str = "era5") -> dict[str, Any]:
-    """Retry/parallel settings from config[section], falling back to era5.* then defaults."""
-    sec = config.get(section) or {}
-    era5 = config.get("era5") or {}
-
-    def get(key: str, default: float) -> Any:
-        return sec.get(key, era5.get(key, default))
-
+    """Retry/parallel settings (see ``download_settings``) under the client's names."""
+    s = download_settings(config, section)
     return {
-        "retries": int(get("retries", 5)),
-        "retry_wait_s": float(get("retry_wait_s", 30)),
-        "max_parallel": int(get("max_parallel_requests", 4)),
-        "max_fields": int(get("max_fields_per_request", 6000)),
+        "retries": int(s.retries),
+        "retry_wait_s": float(s.retry_wait_s),
+        "max_parallel": int(s.max_parallel_requests),
+        "max_fields": int(s.max_fields_per_request),
     }
 
 
@@ -349,7 +354,7 @@ def _classify(exc: BaseException, req: Request, config: Mapping[str, Any]) -> Ba
                 f"Server said: {text}"
             )
         if code == 403 and ("cost" in low or "too large" in low or "limit" in low):
-            mf = _client_settings(config).get("max_fields")
+            mf = _client_settings(config)["max_fields"]
             return CDSError(
                 f"The CDS refused {s} as too large (403 cost limits exceeded; {req.fields} "
                 f"fields). Split it smaller: lower era5.max_fields_per_request (now {mf}) or "

@@ -379,7 +379,7 @@ def plan_cmip6_requests(config: Mapping[str, Any]) -> list[Request]:
     for k in ("model", "experiment"):
         if not c6.get(k):
             raise CDSError(f"config key cmip6.{k} is required to fetch CMIP6 from the CDS")
-    if config.get("frequency", "daily") != "daily":
+    if config["frequency"] != "daily":
         raise CDSError("projections-cmip6 on the CDS has no hourly data: set frequency: daily")
     names = c6.get("variables") or config.get("variables") or []
     unknown = [n for n in names if n not in _CMIP6_BY_ANY]

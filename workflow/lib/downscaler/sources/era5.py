@@ -21,7 +21,7 @@ import pandas as pd
 import xarray as xr
 
 from downscaler.sources.canonical import canonical_coords, finalise
-from downscaler.sources.cds import Request, expected_times, request_area
+from downscaler.sources.cds import Request, download_settings, expected_times, request_area
 from downscaler.variables import STATICS, VARIABLES
 
 LOG = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ def _chunks(names: list[str], days: list[pd.Timestamp], n_times: int, n_levels: 
 
 def _make_request(dataset: str, names: list[str], days: list[pd.Timestamp], times: list[str],
                   config: dict, levels: list[int] | None, tag: str) -> Request:
-    e5 = config.get("era5") or {}
-    grid = float(e5.get("grid", 0.25))
+    grid = float(config["era5"]["grid"])  # the source's resolution (sources.prepare sets it)
     req: dict[str, Any] = {
         "product_type": ["reanalysis"],
         "variable": list(names),
@@ -94,7 +93,7 @@ def _make_request(dataset: str, names: list[str], days: list[pd.Timestamp], time
         "month": [f"{days[0].month:02d}"],
         "day": [f"{d.day:02d}" for d in days],
         "time": list(times),
-        "data_format": e5.get("data_format", "netcdf"),
+        "data_format": download_settings(config).data_format,
         "download_format": "unarchived",
         "grid": [grid, grid],
     }
@@ -137,8 +136,9 @@ def plan_era5_requests(config: dict, invariants: bool = True) -> list[Request]:
     so the last day has all 24 hours. With `invariants`, the LAST request is the invariants
     (geopotential, land_sea_mask at one time) landing at STATIC_TARGET.
     """
-    e5 = config.get("era5") or {}
-    fmt = e5.get("data_format", "netcdf")
+    e5 = config["era5"]
+    settings = download_settings(config)
+    fmt = settings.data_format
     if fmt != "netcdf":
         raise ValueError(f"era5.data_format={fmt!r}: only 'netcdf' is supported (GRIB would "
                          "need cfgrib/eccodes); set era5.data_format: netcdf")
@@ -156,7 +156,7 @@ def plan_era5_requests(config: dict, invariants: bool = True) -> list[Request]:
     if pl_names and not levels:
         raise ValueError("era5.pressure_level_variables is set but era5.pressure_levels is "
                          "empty: list the levels in hPa, e.g. [850, 500]")
-    max_fields = int(e5.get("max_fields_per_request", 6000))
+    max_fields = int(settings.max_fields_per_request)
     period = config["period"]
     start, end = pd.Timestamp(period["start"]), pd.Timestamp(period["end"])
     if end < start:
@@ -168,7 +168,7 @@ def plan_era5_requests(config: dict, invariants: bool = True) -> list[Request]:
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(ERA5_SINGLE[n][1], []).append(n)
-    daily = config.get("frequency", "daily") == "daily"
+    daily = config["frequency"] == "daily"
 
     out: list[Request] = []
     for month_days in by_month.values():
@@ -314,7 +314,7 @@ def load_era5(paths: list[Path], static_path: Path | None,
     period = config["period"]
     start = pd.Timestamp(period["start"])
     end = pd.Timestamp(period["end"])
-    daily = config.get("frequency", "daily") == "daily"
+    daily = config["frequency"] == "daily"
     parts = []
     for p in paths:
         for ds in open_answer(Path(p)):

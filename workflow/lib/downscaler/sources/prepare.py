@@ -11,12 +11,14 @@ mapped onto the ERA5 names the model was trained on, and regridded onto the mode
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+from downscaler.settings import InferenceInput, as_dict, build
 from downscaler.sources.canonical import check_plausible
 from downscaler.variables import (
     BY_SHORT_NAME,
@@ -106,7 +108,7 @@ def check_coverage(ds: xr.Dataset, config: dict, origin: str, times: bool = True
     if not problems:
         return
     message = f"{origin}: " + "; ".join(problems)
-    if config.get("coverage", "error") == "warn":
+    if config["coverage"] == "warn":
         warnings.warn(message + " (coverage: warn, proceeding with what there is)", stacklevel=2)
         return
     raise ValueError(message + ". Fetch the missing data, shrink region/period to the data, or "
@@ -304,37 +306,43 @@ def _statics_onto(static: xr.Dataset, grid: xr.Dataset, origin: str) -> xr.Datas
 CDS_MARGIN_DEG = 5.0  # CMIP6 grids reach ~2.8 deg: fetch a border so bilinear covers the edges
 
 
-def open_inference_input(spec: dict, config: dict, raw_dir: Path | None = None) -> xr.Dataset:
-    """Read one `inference_inputs` entry in canonical form (any grid), over its period.
+def open_inference_input(spec: InferenceInput | Mapping, config: dict,
+                         raw_dir: Path | None = None) -> xr.Dataset:
+    """Read one `inference_inputs` entry (typed, or its validated mapping) in canonical form
+    (any grid), over its period.
 
     CMIP6 comes from an ESGF directory tree (`provider: local`), through intake-esgf
     (`esgf`), or from the CDS dataset projections-cmip6 (`cds`, downloaded under `raw_dir`).
     """
+    spec = build(InferenceInput, spec, "inference_inputs entry")
     variables = config["inputs"]["variables"]
-    period = spec.get("period")
-    if spec["source"] == "cmip6":
+    period = as_dict(spec.period) if spec.period else None
+    if spec.source == "cmip6":
         from downscaler.sources.cmip6 import find_local_cmip6, open_cmip6, search_esgf
 
-        ids = (spec["source_id"], spec["experiment"], spec["member"], spec["table"])
-        if spec["provider"] == "local":
-            paths = find_local_cmip6(spec["root"], *ids, variables)
-        elif spec["provider"] == "esgf":  # intake-esgf downloads into (and finds files in) root
-            paths = search_esgf(*ids, variables, cache=spec.get("root"), period=period)
+        ids = (spec.source_id, spec.experiment, spec.member, spec.table)
+        if spec.provider == "local":
+            paths = find_local_cmip6(spec.root, *ids, variables)
+        elif spec.provider == "esgf":  # intake-esgf downloads into (and finds files in) root
+            paths = search_esgf(*ids, variables, cache=spec.root, period=period)
         else:
-            paths = _fetch_cmip6_cds(spec, config, Path(raw_dir or "resources/raw"))
+            paths = _fetch_cmip6_cds(spec, period, config, Path(raw_dir or "resources/raw"))
         ds = open_cmip6(paths, variables, period)
     else:
         from downscaler.sources.local import open_local
 
-        ds, _ = open_local(spec["paths"])
+        files = list(spec.paths)
+        ds, _ = open_local(files)
         if period:
             ds = ds.sel(time=slice(period["start"], f"{period['end']}T23:59:59"))
-        ds = select_variables(ds, variables, f"inference input files {spec['paths']}")
-    check_plausible(ds, f"inference input {spec}")
+        ds = select_variables(ds, variables, f"inference input files {files}")
+    given = {k: v for k, v in as_dict(spec).items() if v is not None}
+    check_plausible(ds, f"inference input {given}")
     return ds[short_names(variables)]
 
 
-def _fetch_cmip6_cds(spec: dict, config: dict, raw_dir: Path) -> list[Path]:
+def _fetch_cmip6_cds(spec: InferenceInput, period: dict | None, config: dict,
+                    raw_dir: Path) -> list[Path]:
     from downscaler.sources.cmip6 import fetch_cmip6_cds
 
     region = config.get("region")
@@ -345,9 +353,9 @@ def _fetch_cmip6_cds(spec: dict, config: dict, raw_dir: Path) -> list[Path]:
                   "east": region["east"] + CDS_MARGIN_DEG}
     cds_config = {
         **config, "region": region, "frequency": "daily",
-        "period": spec.get("period") or config["period"],
-        "cmip6": {"model": spec["source_id"], "experiment": spec["experiment"],
-                  "member": spec["member"], "variables": config["inputs"]["variables"]},
+        "period": period or config["period"],
+        "cmip6": {"model": spec.source_id, "experiment": spec.experiment,
+                  "member": spec.member, "variables": config["inputs"]["variables"]},
     }
     return fetch_cmip6_cds(cds_config, raw_dir)
 

@@ -213,3 +213,28 @@ def test_block_mean_fast_path_equals_the_weight_matrices(threshold):
         np.testing.assert_allclose(fast["t2m"], ref["t2m"], rtol=1e-6, equal_nan=True)
         np.testing.assert_allclose(fast["lat"], ref["lat"])
         assert fast["t2m"].dtype == np.float32
+
+
+def test_block_mean_kernel_matches_the_masked_reference_step_by_step(monkeypatch):
+    """The one-pass kernel (weighted rows, then columns, a few steps at a time) equals the masked
+    block mean; steps with NaN or inf fall back to it inside an otherwise NaN-free chunk."""
+    from downscaler import regrid as rg
+
+    monkeypatch.setattr(rg, "_BLOCK_BYTES", 2 * 12 * 16 * 4)  # two steps per inner block
+    rng = np.random.default_rng(5)
+    lat = 40.125 + 0.25 * np.arange(12)
+    weights = cell_area_weights(xr.DataArray(lat, dims="lat", coords={"lat": lat})).values
+    x = rng.normal(280, 5, (2, 5, 12, 16)).astype("float32")  # lead dims (member, time)
+    x[0, 1, 0, :3] = np.nan  # one block 3/16 missing: kept at 0.5, dropped at 0.9
+    x[1, 4, 5:9, 4:8] = np.nan  # a whole block missing
+    x[1, 2, 7, 9] = np.inf
+    for threshold in (0.5, 0.9):
+        fast = rg._block_mean_array(x, weights, 4, threshold)
+        ref = rg._block_mean_masked(x, weights, 4, threshold)
+        assert fast.shape == (2, 5, 3, 4) and fast.dtype == np.float32
+        np.testing.assert_allclose(fast, ref, rtol=1e-6, equal_nan=True)
+    assert np.isnan(fast[1, 4, 1, 1]) and np.isnan(fast[0, 1, 0, 0])
+    assert np.isfinite(rg._block_mean_array(x, weights, 4, 0.5)[0, 1, 0, 0])
+    np.testing.assert_allclose(rg._block_mean_array(x[0, 0].astype("float64"), weights, 4, 0.5),
+                               block_reference(xr.DataArray(x[0, 0], dims=("lat", "lon"),
+                                                            coords={"lat": lat}), 4), rtol=1e-12)

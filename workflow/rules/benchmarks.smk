@@ -105,6 +105,24 @@ rule bench_inference:
         bench_shell("inference")
 
 
+# Conservative regridding (the exact k-fold block mean, xarray-regrid, xESMF where it imports)
+# against the machine's memory-copy bandwidth, on a year of hourly Europe-size fields.
+rule bench_regrid:
+    output:
+        f"{BENCH_DIR}/{{size}}/regrid.json",
+    log:
+        "logs/benchmarks/{size}/regrid.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/regrid.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: BENCH_THREADS
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "regrid"),
+    shell:
+        bench_shell("regrid")
+
+
 # The pipeline bubble vs (stages, micro-batches) against (p-1)/(m+p-1): GPipe and 1F1B.
 rule bench_pipeline:
     output:

@@ -48,6 +48,7 @@ from downscaler.evaluation.stream import (
     time_chunks,
 )
 from downscaler.io import atomic_path
+from downscaler.settings import schema_defaults
 
 MODEL_NAME = "reslim"
 UPSAMPLE_VIT = "upsample_vit"
@@ -254,7 +255,8 @@ def run_evaluation(downscaled: xr.Dataset, coarse: xr.Dataset, truth: xr.Dataset
                    baselines: list[str], *, inputs: list[str] | None = None,
                    targets: list[str] | None = None, fitted: xr.Dataset | None = None,
                    learned: dict[str, xr.Dataset] | None = None, time_chunk: int,
-                   map_time: int = 0, log_precip: bool = True) -> Evaluation:
+                   map_time: int = schema_defaults("evaluate").map_time,
+                   log_precip: bool = True) -> Evaluation:
     """Score every method on the model's time steps, `time_chunk` steps at a time.
 
     The inputs may be lazy (opened files): only one chunk of each is loaded at a time, after

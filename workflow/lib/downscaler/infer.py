@@ -29,7 +29,13 @@ from tqdm import tqdm
 import downscaler
 from downscaler.io import atomic_path
 from downscaler.pairs import denormalise
-from downscaler.settings import EnsembleConfig, InferConfig, as_dict, from_schema
+from downscaler.settings import (
+    EnsembleConfig,
+    InferConfig,
+    as_dict,
+    from_schema,
+    schema_defaults,
+)
 from downscaler.tiles_store import is_periodic, normalised_stack
 from downscaler.tiling import check_tiling, stitch, tile
 from downscaler.variables import BY_SHORT_NAME
@@ -118,9 +124,9 @@ def downscale_chunks(
     payload: dict,
     coarse: xr.Dataset,
     fine_static: xr.Dataset,
-    batch_size: int = 64,
-    blend: bool = False,
-    time_chunk: int = 32,
+    batch_size: int = schema_defaults("infer").batch_size,
+    blend: bool = schema_defaults("infer").blend,
+    time_chunk: int = schema_defaults("infer").time_chunk,
     *,
     halo: int | None = None,
     div: tuple[int, int] | None = None,

@@ -19,7 +19,7 @@ import xarray as xr
 from downscaler.compute import compute, dask_scheduler, store_netcdf
 from downscaler.io import atomic_path, write_json
 from downscaler.regrid import coarsen_conservative, normalise_grid, regrid
-from downscaler.settings import RegridConfig, from_schema
+from downscaler.settings import RegridConfig, from_schema, schema_defaults
 from downscaler.variables import BY_SHORT_NAME
 
 PRECIP_THRESHOLD = 0.25  # mm/day; at or below counts as dry before the log transform
@@ -65,8 +65,8 @@ def make_pairs(
     fields: xr.Dataset,
     static: xr.Dataset,
     factor: int,
-    backend: str = "auto",
-    nan_threshold: float = 0.5,
+    backend: str = schema_defaults("regrid").backend,
+    nan_threshold: float = schema_defaults("regrid").nan_threshold,
     inputs: xr.Dataset | None = None,
     input_names: list[str] | None = None,
     calendar: list[str] | None = None,

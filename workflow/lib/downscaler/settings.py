@@ -304,6 +304,13 @@ def from_schema(key: str, given: Any) -> Any:
 
 
 @functools.cache
+def schema_defaults(key: str) -> Any:
+    """Section ``key`` as the schema's defaults alone: the keyword defaults of library functions
+    (``make_pairs``, ``downscale_chunks``, ...) read it, so they cannot drift from the schema."""
+    return from_schema(key, {})
+
+
+@functools.cache
 def _schema() -> dict:
     return load_schema(SCHEMA_PATH)
 

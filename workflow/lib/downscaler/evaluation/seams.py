@@ -16,6 +16,7 @@ import torch
 import xarray as xr
 
 from downscaler.infer import downscale_chunks, io_variables
+from downscaler.settings import schema_defaults
 from downscaler.tiles_store import is_periodic
 
 COLUMNS = ["setting", "variable", "distance", "rmse", "n"]
@@ -67,7 +68,9 @@ def rmse_by_distance(sse: np.ndarray, count: np.ndarray, distance: np.ndarray) -
                          "n": counts[keep].astype(int)})
 
 
-def seam_settings(payload: dict, whole_domain: bool = True) -> dict[str, dict]:
+def seam_settings(payload: dict,
+                  whole_domain: bool = schema_defaults("evaluate.seams").whole_domain,
+                  ) -> dict[str, dict]:
     """The tilings compared: the trained halo, no halo, and (optionally) no tiles at all."""
     halo = payload["tiling"]["halo"]
     settings = {f"halo {halo} (as trained)": {}, "halo 0": {"halo": 0}}

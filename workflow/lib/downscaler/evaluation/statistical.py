@@ -24,6 +24,7 @@ import numpy as np
 import xarray as xr
 
 from downscaler.evaluation.baselines import NONNEGATIVE, upsample
+from downscaler.settings import schema_defaults
 
 INTERPOLATION = "bicubic"
 STATISTICAL = ("residual_climatology", "mos")
@@ -50,7 +51,8 @@ def _design(up: xr.Dataset, inputs: list[str], centre: np.ndarray,
 
 
 def fit_statistical(coarse: xr.Dataset, fine: xr.Dataset, inputs: list[str],
-                    targets: list[str], time_chunk: int = 64) -> xr.Dataset:
+                    targets: list[str],
+                    time_chunk: int = schema_defaults("evaluate").time_chunk) -> xr.Dataset:
     """Fit both baselines on `coarse` (inputs) and `fine` (targets) over their common times
     (pass the training period), streaming `time_chunk` steps at a time; returns the fitted
     fields as a Dataset (see `predict_statistical`)."""

@@ -6,7 +6,8 @@ baselines fitted on a short training period), then runs the evaluation stage's c
 (`downscaler.evaluate.run_evaluation` on the lazily opened files: every baseline, every metric,
 every figure) in a fresh spawned process and records its wall time and the rise of its peak RSS
 (`common.PeakMemory`) and its absolute peak RSS (imports included). Prints a table and writes
-benchmarks/results/bench_evaluate.json.
+benchmarks/results/evaluate.json (the rule
+`bench_evaluate`: results/benchmarks/paper/evaluate.json).
 
     .venv/bin/python benchmarks/bench_evaluate.py [--steps 64] [--factors 10] [--lat 64 --lon 128]
 """
@@ -128,7 +129,7 @@ def main() -> None:
                       f"{len(BASELINES)} baselines + model, time_chunk {args.time_chunk}")
     growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     print(f"peak RSS, {args.factors[-1]}x / 1x the test length: {growth:.2f}")
-    write_results("bench_evaluate", {"args": vars(args), "cases": rows, "peak_growth": growth},
+    write_results("evaluate", {"args": vars(args), "cases": rows, "peak_growth": growth},
                   torch.device("cpu"))
 
 

@@ -123,6 +123,23 @@ rule bench_regrid:
         bench_shell("regrid")
 
 
+# Streaming evaluation: peak memory of the evaluate stage's code at 1x and 10x the test length.
+rule bench_evaluate:
+    output:
+        f"{BENCH_DIR}/{{size}}/evaluate.json",
+    log:
+        "logs/benchmarks/{size}/evaluate.log",
+    benchmark:
+        f"{BENCH_DIR}/{{size}}/evaluate.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: BENCH_THREADS
+    params:
+        options=lambda wildcards: bench_options(wildcards.size, "evaluate"),
+    shell:
+        bench_shell("evaluate")
+
+
 # The pipeline bubble vs (stages, micro-batches) against (p-1)/(m+p-1): GPipe and 1F1B.
 rule bench_pipeline:
     output:

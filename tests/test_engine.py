@@ -161,10 +161,11 @@ def _numbers(rows: list[dict], key: str) -> list[tuple[int, float]]:
 
 def _check(got: dict, want: dict, case: dict) -> None:
     exact = case["dtype"] == F64
-    # measured: float64 4e-16 (logged) / 5e-13 (weights); DeepSpeed float32 1.4e-7 / 9e-5 (Adam
-    # amplifies float32 rounding where gradients are near its eps)
+    # measured: float64 4e-16 (logged) / 5e-13 (weights); DeepSpeed float32 1.4e-7 / up to 9e-5
+    # absolute on a few small biases (Adam amplifies float32 rounding where gradients are near
+    # its eps; which biases depends on the data's last bits, e.g. the regridding's summation order)
     rel, abs_ = (1e-10, 1e-12) if exact else (5e-6, 1e-7)
-    w_rtol, w_atol = (1e-9, 1e-11) if exact else (2e-3, 1e-5)
+    w_rtol, w_atol = (1e-9, 1e-11) if exact else (2e-3, 1e-4)
     assert got["stopped"] == cases.STOP_AT and got["summary"]["resumed_from"] == cases.STOP_AT
     assert got["summary"]["steps"] == want["summary"]["steps"] == 6
     for key in ("train_loss", "val_loss", "grad_norm"):

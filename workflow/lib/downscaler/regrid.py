@@ -25,6 +25,10 @@ import xarray as xr
 import xarray_regrid  # noqa: F401  (registers the `.regrid` accessor)
 from xarray_regrid.methods.conservative import conservative_regrid
 
+from downscaler.settings import schema_defaults
+
+REGRID_DEFAULTS = schema_defaults("regrid")  # the keyword defaults below: the schema's
+
 BACKENDS = ("auto", "xesmf", "xarray-regrid")
 METHODS = ("conservative", "bilinear", "nearest")
 XESMF_METHODS = {"conservative": "conservative", "bilinear": "bilinear", "nearest": "nearest_s2d"}
@@ -101,8 +105,8 @@ def regrid(
     ds: xr.Dataset,
     target_grid: xr.Dataset,
     method: str = "conservative",
-    backend: str = "auto",
-    nan_threshold: float = 0.5,
+    backend: str = REGRID_DEFAULTS.backend,
+    nan_threshold: float = REGRID_DEFAULTS.nan_threshold,
 ) -> xr.Dataset:
     """Regrid `ds` (dims lat, lon and optionally time, lazy or not) onto `target_grid`'s lat/lon.
 
@@ -342,7 +346,10 @@ def coarse_grid(fine: xr.Dataset, factor: int) -> xr.Dataset:
 
 
 def coarsen_conservative(
-    ds: xr.Dataset, factor: int, backend: str = "auto", nan_threshold: float = 0.5
+    ds: xr.Dataset,
+    factor: int,
+    backend: str = REGRID_DEFAULTS.backend,
+    nan_threshold: float = REGRID_DEFAULTS.nan_threshold,
 ) -> xr.Dataset:
     """Conservatively coarsen `ds` (dims lat, lon, optionally time) by an integer factor.
 
@@ -362,7 +369,8 @@ def coarsen_conservative(
     return regrid(fine, coarse_grid(fine, factor), "conservative", backend, nan_threshold)
 
 
-def block_mean(fine: xr.Dataset, factor: int, nan_threshold: float = 0.5) -> xr.Dataset:
+def block_mean(fine: xr.Dataset, factor: int,
+               nan_threshold: float = REGRID_DEFAULTS.nan_threshold) -> xr.Dataset:
     """Exact conservative k x k block means (the fast path of `coarsen_conservative`).
 
     When the coarse cells are exact blocks of fine cells, conservative regridding is the mean

@@ -32,6 +32,7 @@ test: $(STAMP)
 # Run it before every change to frontier/ or tests/slurm/profile/. Its own --basetemp: a
 # concurrent pytest would otherwise prune the running jobs' folders (it keeps the last 3).
 test-slurm: $(STAMP)
+	mkdir -p .pytest_cache  # pytest creates --basetemp but not its parent (a fresh clone has none)
 	DOWNSCALER_SLURM_TESTS=1 PATH="$(CURDIR)/$(BIN):$$PATH" \
 		$(BIN)/pytest --basetemp=.pytest_cache/slurm-tmp tests/test_slurm.py \
 		tests/test_frontier_profile.py

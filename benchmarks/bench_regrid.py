@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import resource
 import time
 
 import dask
@@ -34,7 +33,7 @@ import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
-from common import print_table, run_isolated, write_results
+from common import _maxrss_bytes, memory_bandwidth, print_table, run_isolated, write_results
 from downscaler.regrid import _block_mean_array, cell_area_weights, coarsen_conservative, regrid
 
 LAT = (35.0, 72.0)
@@ -45,18 +44,6 @@ def grid(res: float) -> tuple[np.ndarray, np.ndarray]:
     lat = np.arange(LAT[0] + res / 2, LAT[1], res)
     lon = np.arange(LON[0] + res / 2, LON[1], res)
     return lat, lon
-
-
-def memory_bandwidth(megabytes: int, repeats: int) -> float:
-    """GB/s of a numpy copy (read + write counted), best of `repeats`."""
-    src = np.ones(megabytes * 2**20 // 8, dtype="float64")
-    dst = np.empty_like(src)
-    best = np.inf
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best / 1e9
 
 
 def pool_of_blocks(n: int, chunk: int, res: float) -> list[np.ndarray]:
@@ -81,20 +68,11 @@ def lazy_year(steps: int, chunk: int, res: float, pool: list[np.ndarray]) -> xr.
                       coords={"time": time_, "lat": lat, "lon": lon})
 
 
-def maxrss_mib() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from a spawning parent)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def case_streamed(steps: int, chunk: int, res: float, factor: int, pool_n: int,
                   threads: int, repeats: int) -> dict:
     """The year through coarsen_conservative, week by week, into a preallocated output."""
     pool = pool_of_blocks(pool_n, chunk, res)
-    before = maxrss_mib()
+    before = _maxrss_bytes() / 2**20
     ds = lazy_year(steps, chunk, res, pool)
     coarse = coarsen_conservative(ds, factor, nan_threshold=0.5)["t2m"]
     out = np.empty(coarse.shape, dtype="float32")
@@ -107,7 +85,7 @@ def case_streamed(steps: int, chunk: int, res: float, factor: int, pool_n: int,
             seconds = min(seconds, time.perf_counter() - t0)
     first = _block_mean_array(pool[0], cell_area_weights(ds["lat"]).values, factor, 0.5)
     return {"seconds": seconds, "bytes_in": ds["t2m"].nbytes, "bytes_out": out.nbytes,
-            "threads": threads, "peak_rss_mib": maxrss_mib(), "rss_before_mib": before,
+            "threads": threads, "peak_rss_mib": _maxrss_bytes() / 2**20, "rss_before_mib": before,
             "pool_mib": sum(p.nbytes for p in pool) / 2**20,
             "first_chunk_matches_kernel": bool(np.array_equal(out[: first.shape[0]], first))}
 
@@ -124,7 +102,7 @@ def case_kernel(chunk: int, res: float, factor: int, pool_n: int, repeats: int) 
             out = _block_mean_array(block, weights, factor, 0.5)
         best = min(best, time.perf_counter() - t0)
     return {"seconds": best, "bytes_in": sum(p.nbytes for p in pool),
-            "bytes_out": out.nbytes * len(pool), "peak_rss_mib": maxrss_mib()}
+            "bytes_out": out.nbytes * len(pool), "peak_rss_mib": _maxrss_bytes() / 2**20}
 
 
 def small_field(steps: int, res: float, nan_sea: bool) -> xr.Dataset:
@@ -156,7 +134,7 @@ def case_reference(steps: int, chunk: int, res: float, factor: int, backend: str
         out = run()["t2m"].compute()
         seconds = time.perf_counter() - t0
     result = {"seconds": seconds, "bytes_in": ds["t2m"].nbytes, "bytes_out": out.nbytes,
-              "peak_rss_mib": maxrss_mib()}
+              "peak_rss_mib": _maxrss_bytes() / 2**20}
     if nested:
         fast = coarsen_conservative(ds, factor, "auto", 0.5)["t2m"].compute().values
         ref = out.values

@@ -30,23 +30,12 @@ import dask
 import numpy as np
 import xarray as xr
 import zarr
+from common import memory_bandwidth
 from downscaler.pairs import compute_stats, make_pairs
 from downscaler.regrid import cell_area_weights, coarsen_conservative
 from downscaler.tiles_store import TileDataset, write_tiles
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_regrid_tiles.json"
-
-
-def memory_bandwidth(megabytes: int, repeats: int) -> float:
-    """GB/s of a numpy copy (read + write counted), best of `repeats`."""
-    src = np.ones(megabytes * 2**20 // 8, dtype="float64")
-    dst = np.empty_like(src)
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best / 1e9
 
 
 def global_fields(steps: int, res: float, time_chunk: int) -> tuple[xr.Dataset, xr.Dataset]:

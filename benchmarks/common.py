@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from downscaler.io import write_json
 from downscaler.model.presets import PRESETS
@@ -115,9 +116,32 @@ def time_fn(
 
 
 def _maxrss_bytes() -> int:
-    """This process's resident high-water mark in bytes (Linux reports KiB, macOS bytes)."""
+    """This process's resident high-water mark in bytes.
+
+    Linux: VmHWM, which, unlike ru_maxrss, a spawned process does not inherit from its parent
+    (ru_maxrss survives the exec, so a child's peak would read as the larger parent's).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def memory_bandwidth(megabytes: int, repeats: int) -> float:
+    """GB/s of a numpy copy (read + write counted), best of `repeats` after one warm-up."""
+    src = np.ones(megabytes * 2**20 // 8, dtype="float64")
+    dst = np.empty_like(src)
+    best = np.inf
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
 
 
 class PeakMemory:

@@ -251,16 +251,22 @@ def sum_of_ranks(rank: int, world_size: int, offset: int) -> float:
     return t.item()
 
 
+@torch.no_grad()
+def _average_over_data_parallel(module: torch.nn.Module, dp_group) -> None:
+    """The stage's gradients averaged over its data-parallel replicas by hand (what the engine's
+    ``reduce_gradients`` does for a pipeline stage), for the standalone pipeline cases."""
+    world = torch.distributed.get_world_size(dp_group)
+    for g in (p.grad for p in module.parameters() if p.grad is not None):
+        torch.distributed.all_reduce(g, group=dp_group)
+        g.div_(world)
+
+
 def pipeline_parity(rank: int, world_size: int, schedule: str, n_micro: int,
                     steps: int = 3, dp: int = 1) -> dict:
     depth = world_size // dp  # one block per stage
     """Pipeline over ``world_size`` stages vs one process: loss and the parameters this stage
     owns after ``steps`` AdamW steps (float64)."""
-    from downscaler.parallel.pipeline import (
-        average_over_data_parallel,
-        make_schedule,
-        pipeline_stage,
-    )
+    from downscaler.parallel.pipeline import make_schedule, pipeline_stage
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dp, depth), mesh_dim_names=("dp", "pp"))
@@ -293,7 +299,7 @@ def pipeline_parity(rank: int, world_size: int, schedule: str, n_micro: int,
         else:
             pipe.step(target=y if last else None, losses=losses)
         if dp > 1:
-            average_over_data_parallel(module, mesh["dp"].get_group())
+            _average_over_data_parallel(module, mesh["dp"].get_group())
         if last:
             loss = torch.stack(losses).mean()  # equal micro-batches: mean of means
             if dp > 1:

@@ -31,8 +31,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..model.layers import unpatchify
 from ..model.reslim import Reslim, embed_tokens, validate_inputs
 
-__all__ = ["SCHEDULES", "Pipeline", "average_over_data_parallel", "check_stages",
-           "make_schedule", "pipeline_stage", "split_stage"]
+__all__ = ["SCHEDULES", "Pipeline", "check_stages", "make_schedule", "pipeline_stage",
+           "split_stage"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -135,16 +135,6 @@ def pipeline_stage(model: Reslim, stage: int, n_stages: int, device: torch.devic
     """This rank's ``PipelineStage`` of ``model`` (and its module, which owns its parameters)."""
     module = split_stage(model, stage, n_stages)
     return PipelineStage(module, stage, n_stages, device, group=group), module
-
-
-@torch.no_grad()
-def average_over_data_parallel(module: nn.Module, dp_group: ProcessGroup) -> None:
-    """Average this stage's gradients over the data-parallel replicas of the stage (pp x dp)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    world = dist.get_world_size(dp_group)
-    for g in grads:  # a few tensors per stage; one collective each keeps this simple
-        dist.all_reduce(g, group=dp_group)
-        g.div_(world)
 
 
 def make_schedule(stage: PipelineStage, schedule: str, n_microbatches: int, loss_fn):
